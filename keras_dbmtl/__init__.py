@@ -1,0 +1,16 @@
+"""keras-dbmtl: multi-task learning for Keras 3 with DB-MTL and the other task balancers.
+
+```python
+import keras_dbmtl
+model = keras_dbmtl.MultiTaskModel(encoder=encoder, heads={"seg": seg_head, "depth": depth_head})
+model.compile(optimizer="adam", loss={"seg": ..., "depth": ...}, balancer="dbmtl")
+```
+"""
+
+from keras_dbmtl import balancers
+from keras_dbmtl import gradients
+from keras_dbmtl.model import MultiTaskModel
+
+__version__ = "0.1.0"
+
+__all__ = ["MultiTaskModel", "balancers", "gradients", "__version__"]

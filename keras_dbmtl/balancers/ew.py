@@ -1,0 +1,27 @@
+"""EW: equal weighting, the plain sum of the task losses.
+
+    L = sum_t l_t                                                   (the paper's Section 2.1, gamma_t = 1)
+
+With no `loss_transform` it trains exactly like a plain Keras model compiled with the same losses, including
+`compile(loss_weights=...)`, which multiplies each raw task loss as in Keras.
+"""
+
+from keras import ops
+
+from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+@register("ew")
+class EW(Balancer):
+    """Equal weighting: minimises sum_t loss_t (or sum_t log(loss_t + eps) with `loss_transform="log"`)."""
+
+    needs = "losses"
+
+    @property
+    def accepts_loss_weights(self):
+        # A constant factor w on l_t only shifts log(w * l_t) by log(w): no effect under the log transform.
+        return self.loss_transform is None
+
+    def combine_losses(self, transformed_losses):
+        return ops.sum(transformed_losses), ops.ones_like(transformed_losses)

@@ -1,0 +1,536 @@
+"""MultiTaskModel: a shared encoder, one head per task, and a balancer that decides the shared update.
+
+```python
+import keras, keras_dbmtl
+encoder = keras.Sequential([keras.layers.Dense(32, activation="relu")])
+model = keras_dbmtl.MultiTaskModel(
+    encoder=encoder, heads={"a": keras.layers.Dense(1), "b": keras.layers.Dense(1)}
+)
+model.compile(optimizer="adam", loss={"a": "mse", "b": "mse"}, balancer="dbmtl")
+x = keras.random.normal((64, 8))
+model.fit(x, {"a": keras.random.normal((64, 1)), "b": keras.random.normal((64, 1))}, epochs=2)
+```
+
+One training step, written once with `keras.ops` for every backend:
+
+    batch -> forward (once) -> task losses -> loss transform -> task gradients (keras_dbmtl.gradients, the only
+    backend code) -> balancer -> one optimizer update of shared, task-specific and balancer variables.
+"""
+
+import math
+
+import keras
+from keras import ops
+from keras.src.backend.common.stateless_scope import StatelessScope
+from keras.src.losses.losses import LossFunctionWrapper
+from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.src.utils import tracking
+
+from keras_dbmtl import gradients as gradient_backends
+from keras_dbmtl.balancers import base as balancer_base
+from keras_dbmtl.balancers import registry
+
+INVALID_LOSSES_KEY = "_invalid_task_losses"
+
+
+def _is_dict(value):
+    return isinstance(value, dict) or (hasattr(value, "keys") and hasattr(value, "items"))
+
+
+class _LossGuard(keras.callbacks.Callback):
+    """Raises a clear error on the first step whose task loss cannot be used, and hides the internal log key."""
+
+    def __init__(self, model_ref):
+        super().__init__()
+        self._model_ref = model_ref
+
+    def _check(self, logs):
+        if not logs or INVALID_LOSSES_KEY not in logs:
+            return
+        flags = keras.ops.convert_to_numpy(logs.pop(INVALID_LOSSES_KEY)).reshape(-1)
+        bad = [name for name, flag in zip(self._model_ref.task_names, flags) if flag > 0]
+        if bad:
+            transform = self._model_ref.balancer.loss_transform
+            need = "positive and finite (the log transform takes log(loss + eps))" if transform == "log" else "finite"
+            raise ValueError(
+                f"The loss of task(s) {', '.join(repr(b) for b in bad)} is not usable: every task loss must be "
+                f"{need}. The update of this step was not applied. Check the targets and the loss function of "
+                f"{', '.join(repr(b) for b in bad)} (a loss that can be zero or negative, such as a negative "
+                "log-likelihood or a cosine similarity, needs an offset, or compile with a balancer whose "
+                "loss_transform=None)."
+            )
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs)
+
+
+@keras.saving.register_keras_serializable(package="keras_dbmtl")
+class MultiTaskModel(keras.Model):
+    """A shared encoder with one head per task, trained with a task balancer.
+
+    Args:
+        encoder: any Keras layer or model; its trainable variables are the shared variables theta (minus those
+            of `task_layers`).
+        heads: dict task name -> layer or model applied to the encoder's output (task variables psi_t).
+        task_layers: optional dict task name -> list of names of layers inside the encoder whose variables belong
+            to that task only (MTAN attention modules, cross-stitch columns). They are updated from their own
+            task's loss, like heads, and left out of the shared variables.
+        per_task_inputs: if True, inputs are a dict task -> that task's own batch, and task t's output is
+            `heads[t](encoder(inputs[t]))` (Office-31/Office-Home: each task has its own images).
+    """
+
+    def __init__(self, encoder, heads, task_layers=None, per_task_inputs=False, **kwargs):
+        super().__init__(**kwargs)
+        if not _is_dict(heads) or len(heads) == 0:
+            raise ValueError(
+                "MultiTaskModel needs `heads`: a non-empty dict mapping each task name to a Keras layer, e.g. "
+                "heads={'seg': seg_head, 'depth': depth_head}. Received: " + repr(heads)
+            )
+        for name, head in heads.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"Task names must be non-empty strings; received {name!r}.")
+            if not isinstance(head, keras.layers.Layer):
+                raise ValueError(f"The head of task {name!r} must be a Keras layer or model; received {head!r}.")
+        if not isinstance(encoder, keras.layers.Layer):
+            raise ValueError(f"`encoder` must be a Keras layer or model; received {encoder!r}.")
+        task_layers = dict(task_layers or {})
+        unknown = sorted(set(task_layers) - set(heads))
+        if unknown:
+            raise ValueError(f"task_layers names unknown task(s) {unknown}; the tasks are {list(heads)}.")
+        self.encoder = encoder
+        self.heads = dict(heads)
+        self.task_names = list(heads)
+        self.task_layers = {task: list(names) for task, names in task_layers.items()}
+        self.per_task_inputs = bool(per_task_inputs)
+        self.balancer = None
+        self._task_losses_fns = None
+        self._loss_weights_vector = None
+        self._vectorize = None
+
+    # ------------------------------------------------------------------ forward
+    def call(self, inputs, training=None):
+        if self.per_task_inputs:
+            if not _is_dict(inputs):
+                raise ValueError(
+                    "This MultiTaskModel has per_task_inputs=True: inputs must be a dict mapping each task "
+                    f"({self.task_names}) to its own batch."
+                )
+            self._check_task_keys(inputs, "inputs")
+            return {task: self.heads[task](self.encoder(inputs[task], training=training), training=training)
+                    for task in self.task_names}
+        features = self.encoder(inputs, training=training)
+        return {task: self.heads[task](features, training=training) for task in self.task_names}
+
+    def build(self, input_shape):
+        if self.per_task_inputs:
+            spec = {t: keras.KerasTensor(tuple(input_shape[t])) for t in self.task_names}
+        else:
+            spec = keras.tree.map_shape_structure(lambda s: keras.KerasTensor(tuple(s)), input_shape)
+        keras.src.backend.compute_output_spec(self.call, spec)
+        self.built = True
+        # The balancer's state is sized by the shared variables: create it as soon as they exist, so that it is
+        # part of the model's variables before the optimizer is built.
+        self._build_balancer()
+
+    # ------------------------------------------------------------------ variables
+    def _task_layer_objects(self):
+        by_name = {}
+        for layer in self.encoder._flatten_layers(include_self=False):
+            by_name.setdefault(layer.name, layer)
+        result = {}
+        for task, names in self.task_layers.items():
+            missing = [n for n in names if n not in by_name]
+            if missing:
+                raise ValueError(
+                    f"task_layers[{task!r}] names layer(s) {missing} that are not inside the encoder. "
+                    f"Layers in the encoder: {sorted(by_name)[:50]}"
+                )
+            result[task] = [by_name[n] for n in names]
+        return result
+
+    def task_variables(self):
+        """dict task -> trainable variables used by that task only (its head, plus its `task_layers`)."""
+        layers_by_task = self._task_layer_objects()
+        result = {}
+        for task in self.task_names:
+            variables = list(self.heads[task].trainable_variables)
+            for layer in layers_by_task.get(task, []):
+                variables.extend(layer.trainable_variables)
+            result[task] = variables
+        return result
+
+    def shared_variables(self):
+        """The encoder's trainable variables that no task owns: theta in the paper."""
+        owned = {id(v) for variables in self.task_variables().values() for v in variables}
+        return [v for v in self.encoder.trainable_variables if id(v) not in owned]
+
+    # ------------------------------------------------------------------ compile
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        metrics=None,
+        loss_weights=None,
+        balancer="ew",
+        vectorize_jacobian=None,
+        **kwargs,
+    ):
+        """Configures training.
+
+        Args:
+            optimizer: as in `keras.Model.compile`.
+            loss: dict task -> loss (name, function or `keras.losses.Loss`), or one loss for every task.
+            metrics: dict task -> list of metrics, as in Keras for dict outputs.
+            loss_weights: dict task -> float. Multiplies each raw task loss, as in Keras. Only balancers for which
+                a constant factor on a loss has an effect accept it (EW without loss transform); the others
+                (log transform, gradient normalisation) raise a ValueError, because the weights would be
+                silently ignored.
+            balancer: a registered name (`keras_dbmtl.balancers.names()`) or a `Balancer` instance.
+            vectorize_jacobian: None (the backend's measured default), True or False: how the T x P task
+                Jacobian is computed (one vectorised backward or a loop of T backward passes).
+            **kwargs: `jit_compile`, `run_eagerly`, `steps_per_execution`, ... as in `keras.Model.compile`.
+        """
+        if loss is None:
+            raise ValueError(
+                "MultiTaskModel.compile needs `loss`: a dict mapping each task "
+                f"({self.task_names}) to a loss, or one loss used for every task."
+            )
+        if kwargs.get("weighted_metrics"):
+            raise ValueError("weighted_metrics is not supported by MultiTaskModel; pass sample weights per task.")
+        balancer_obj = registry.get(balancer)
+        if _is_dict(loss):
+            self._check_task_keys(loss, "loss")
+            loss_specs = {task: loss[task] for task in self.task_names}
+        else:
+            loss_specs = {task: loss for task in self.task_names}
+        self._task_losses_fns = {task: self._make_loss(task, spec) for task, spec in loss_specs.items()}
+        if loss_weights is not None:
+            if not _is_dict(loss_weights):
+                raise ValueError("loss_weights must be a dict task -> float for a MultiTaskModel.")
+            if not balancer_obj.accepts_loss_weights:
+                raise ValueError(
+                    f"compile(loss_weights=...) has no effect with balancer {type(balancer_obj).__name__} "
+                    f"(loss_transform={balancer_obj.loss_transform!r}, needs={balancer_obj.needs!r}): a constant "
+                    "factor on a task loss vanishes under the log transform and under gradient normalisation. "
+                    "Remove loss_weights, or use balancer='ew' (without loss transform), where they multiply "
+                    "each raw task loss as in Keras."
+                )
+            unknown = sorted(set(loss_weights) - set(self.task_names))
+            if unknown:
+                raise ValueError(f"loss_weights names unknown task(s) {unknown}; the tasks are {self.task_names}.")
+            self._loss_weights_vector = [float(loss_weights.get(t, 1.0)) for t in self.task_names]
+        else:
+            self._loss_weights_vector = None
+        if metrics is not None and _is_dict(metrics):
+            self._check_task_keys(metrics, "metrics", require_all=False)
+        self._vectorize = vectorize_jacobian
+        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        self._attach_balancer(balancer_obj)
+        with tracking.DotNotTrackScope():
+            # Reported through the `metrics` property, not tracked as layers of the model.
+            self._task_trackers = {
+                kind: [keras.metrics.Mean(name=f"{task}_{kind}") for task in self.task_names]
+                for kind in ("loss", "weight", "gradient_norm")
+            }
+            self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
+                optimizer=optimizer,
+                loss=loss,
+                metrics=metrics,
+                loss_weights=loss_weights,
+                balancer=balancer_obj,
+                vectorize_jacobian=vectorize_jacobian,
+                **{k: v for k, v in kwargs.items() if k in ("jit_compile", "run_eagerly", "steps_per_execution")},
+            )
+        if self.built:
+            self._build_balancer()
+
+    def _make_loss(self, task, spec):
+        loss = keras.losses.get(spec)
+        if loss is None:
+            raise ValueError(f"Could not interpret the loss of task {task!r}: {spec!r}.")
+        if not isinstance(loss, keras.losses.Loss):
+            loss = LossFunctionWrapper(loss, name=f"{task}_loss_fn")
+        return loss
+
+    def _attach_balancer(self, balancer):
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        if self.balancer is not None and self.balancer is not balancer:
+            self._tracker.untrack(self.balancer)
+        self.balancer = balancer
+        if locked:
+            self._tracker.lock()
+
+    def _build_balancer(self):
+        if self.balancer is None or self.balancer.built:
+            return
+        num_shared = sum(int(math.prod(v.shape)) for v in self.shared_variables())
+        self.balancer.build(len(self.task_names), num_shared, self.task_names)
+        if self.optimizer is not None and self.optimizer.built:
+            # The optimizer was built before the balancer's learnable variables existed: add them.
+            missing = [v for v in self.balancer.trainable_variables]
+            if missing:
+                self.optimizer.build(self.trainable_variables)
+
+    def get_compile_config(self):
+        if self.compiled and hasattr(self, "_compile_config"):
+            return self._compile_config.serialize()
+        return {}
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    @property
+    def metrics(self):
+        result = super().metrics
+        trackers = getattr(self, "_task_trackers", None)
+        if trackers and self.balancer is not None:
+            result = result + trackers["loss"] + trackers["weight"]
+            if self.balancer.needs != "losses":
+                result = result + trackers["gradient_norm"]
+        return result
+
+    # ------------------------------------------------------------------ checks
+    def _check_task_keys(self, mapping, what, require_all=True):
+        keys = set(mapping.keys())
+        unknown = sorted(keys - set(self.task_names))
+        missing = [t for t in self.task_names if t not in keys]
+        if unknown:
+            raise ValueError(
+                f"The {what} carry unknown task(s) {unknown}; this model's tasks are {self.task_names}. "
+                f"Remove them or add a head for each."
+            )
+        if require_all and missing:
+            raise ValueError(
+                f"The {what} are missing task(s) {missing}; this model's tasks are {self.task_names}. "
+                f"Give the {what} as a dict with one entry per task."
+            )
+
+    def _check_targets(self, y):
+        if not _is_dict(y):
+            raise ValueError(
+                "MultiTaskModel targets must be a dict keyed by task name "
+                f"({self.task_names}); received {type(y).__name__}."
+            )
+        self._check_task_keys(y, "targets")
+
+    # ------------------------------------------------------------------ losses
+    def _task_losses(self, y, y_pred, sample_weight):
+        losses = []
+        for task in self.task_names:
+            weight = sample_weight.get(task) if _is_dict(sample_weight) else sample_weight
+            value = self._task_losses_fns[task](y[task], y_pred[task], sample_weight=weight)
+            losses.append(ops.cast(value, "float32"))
+        losses = ops.stack(losses)
+        if self._loss_weights_vector is not None:
+            losses = losses * ops.convert_to_tensor(self._loss_weights_vector, "float32")
+        return losses
+
+    def _regularization_loss(self):
+        terms = [ops.cast(ops.sum(term), "float32") for term in self.losses]
+        if not terms:
+            return 0.0
+        return ops.sum(ops.stack(terms))
+
+    # ------------------------------------------------------------------ steps
+    def _ensure_built(self, data):
+        # TensorFlow defers building to the first trace of the step: build symbolically before the variables
+        # are partitioned into shared and task-specific.
+        if not self.built or (self.balancer is not None and not self.balancer.built):
+            self._symbolic_build(data_batch=data)
+
+    def _balanced_train_step(self, data):
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        self._check_targets(y)
+        self._ensure_built(data)
+        balancer = self.balancer
+        num_tasks = len(self.task_names)
+
+        def forward():
+            y_pred = self(x, training=True)
+            raw_losses = self._task_losses(y, y_pred, sample_weight)
+            transformed = balancer.transform_losses(raw_losses)
+            regularization = self._regularization_loss()
+            return transformed, regularization, (raw_losses, y_pred, regularization)
+
+        shared = self.shared_variables()
+        task_groups = [self.task_variables()[t] for t in self.task_names]
+        extra = list(balancer.trainable_variables)
+        if balancer.needs == "losses":
+            def scalar_forward():
+                transformed, regularization, aux = forward()
+                combined, weights = balancer.combine_losses(transformed)
+                return combined + regularization, (aux, weights)
+
+            variables = shared + [v for group in task_groups for v in group] + extra
+            ((raw_losses, y_pred, regularization), task_weights), grads = gradient_backends.loss_gradients(
+                scalar_forward, variables
+            )
+            gradient_norms = None
+        else:
+            result = gradient_backends.task_gradients(forward, shared, task_groups, extra, self._vectorize)
+            raw_losses, y_pred, regularization = result.aux
+            jacobian = balancer_base.TaskJacobian(result.shared_blocks, num_tasks)
+            aggregation = balancer.aggregate(result.task_losses, jacobian)
+            task_weights = aggregation.task_weights
+            if aggregation.shared_direction is None:
+                shared_grads = jacobian.weighted_sum_blocks(task_weights)
+            else:
+                shared_grads = self._split_flat(aggregation.shared_direction, shared)
+            task_grads = []
+            for t, group_grads in enumerate(result.task_gradients):
+                if aggregation.head_weights is not None:
+                    group_grads = [g * aggregation.head_weights[t] for g in group_grads]
+                task_grads.extend(group_grads)
+            grads = list(shared_grads) + task_grads + list(result.extra_gradients)
+            grads = [
+                g if r is None else g + r for g, r in zip(grads, result.regularization_gradients)
+            ]
+            variables = shared + [v for group in task_groups for v in group] + extra
+            gradient_norms = jacobian.norms()
+
+        invalid = ops.logical_not(ops.isfinite(raw_losses))
+        if balancer.loss_transform == "log":
+            invalid = ops.logical_or(invalid, raw_losses <= 0.0)
+        usable = ops.logical_not(ops.any(invalid))
+        grads = [ops.where(usable, g, ops.zeros_like(g)) for g in grads]
+        self.optimizer.apply(grads, variables)
+
+        self._loss_tracker.update_state(ops.sum(raw_losses) + regularization)
+        for t in range(num_tasks):
+            self._task_trackers["loss"][t].update_state(raw_losses[t])
+            self._task_trackers["weight"][t].update_state(task_weights[t])
+            if gradient_norms is not None:
+                self._task_trackers["gradient_norm"][t].update_state(gradient_norms[t])
+        logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        logs = dict(logs)
+        logs[INVALID_LOSSES_KEY] = ops.cast(invalid, "float32")
+        return logs
+
+    def _split_flat(self, flat, variables):
+        pieces, start = [], 0
+        for v in variables:
+            size = 1
+            for dim in v.shape:
+                size *= int(dim)
+            pieces.append(ops.reshape(flat[start : start + size], v.shape))
+            start += size
+        return pieces
+
+    def _balanced_test_step(self, data):
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        self._check_targets(y)
+        y_pred = self(x, training=False)
+        raw_losses = self._task_losses(y, y_pred, sample_weight)
+        regularization = self._regularization_loss()
+        self._loss_tracker.update_state(ops.sum(raw_losses) + regularization)
+        for t in range(len(self.task_names)):
+            self._task_trackers["loss"][t].update_state(raw_losses[t])
+        logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        # Task weights and gradient norms exist only in training.
+        training_only = {m.name for kind in ("weight", "gradient_norm") for m in self._task_trackers[kind]}
+        return {key: value for key, value in logs.items() if key not in training_only}
+
+    def _run_stateless(self, step, state, data, groups):
+        mapping = []
+        for variables, values in zip(groups, state):
+            mapping.extend(zip(variables, values))
+        with StatelessScope(state_mapping=mapping) as scope:
+            logs = step(data)
+        new_state = tuple(
+            [scope.get_current_value(v) if scope.get_current_value(v) is not None else value
+             for v, value in zip(variables, values)]
+            for variables, values in zip(groups, state)
+        )
+        return logs, new_state
+
+    def train_step(self, *args):
+        if keras.backend.backend() == "jax":
+            state, data = args
+            groups = (
+                self.trainable_variables,
+                self.non_trainable_variables,
+                self.optimizer.variables,
+                self.metrics_variables,
+            )
+            return self._run_stateless(self._balanced_train_step, state, data, groups)
+        return self._balanced_train_step(args[0])
+
+    def test_step(self, *args):
+        if keras.backend.backend() == "jax":
+            state, data = args
+            groups = (self.trainable_variables, self.non_trainable_variables, self.metrics_variables)
+            return self._run_stateless(self._balanced_test_step, state, data, groups)
+        return self._balanced_test_step(args[0])
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        callbacks = list(callbacks or [])
+        callbacks.insert(0, _LossGuard(self))
+        callbacks.insert(1, _BalancerEpochHook(self))
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    # ------------------------------------------------------------------ export
+    def export(self, filepath, format="tf_saved_model", **kwargs):
+        backend = keras.backend.backend()
+        if backend == "torch" and format == "tf_saved_model":
+            raise ValueError(
+                "Keras cannot export a tf_saved_model from the torch backend. Save the model with "
+                "model.save('model.keras'), then export it through the TensorFlow backend:\n"
+                "    KERAS_BACKEND=tensorflow python -m keras_dbmtl.export model.keras served/"
+            )
+        if backend == "jax" and format == "tf_saved_model":
+            self._eager_call_for_export(kwargs.get("input_signature"))
+        return super().export(filepath, format=format, **kwargs)
+
+    def _eager_call_for_export(self, input_signature=None):
+        # JAX needs one eager call before exporting (it records the input structure and builds every layer).
+        shapes = getattr(self, "_build_shapes_dict", None)
+        if not shapes:
+            raise ValueError("Call or fit the model once before exporting it.")
+        shape = next(iter(shapes.values()))
+
+        def zeros(s):
+            return ops.zeros(tuple(1 if d is None else d for d in s))
+
+        if self.per_task_inputs:
+            self({t: zeros(shape[t]) for t in self.task_names})
+        else:
+            self(keras.tree.map_shape_structure(zeros, shape))
+
+    # ------------------------------------------------------------------ config
+    def get_config(self):
+        return {
+            "name": self.name,
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "heads": {t: keras.saving.serialize_keras_object(h) for t, h in self.heads.items()},
+            "task_layers": self.task_layers,
+            "per_task_inputs": self.per_task_inputs,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        encoder = keras.saving.deserialize_keras_object(config.pop("encoder"), custom_objects=custom_objects)
+        heads = {
+            t: keras.saving.deserialize_keras_object(h, custom_objects=custom_objects)
+            for t, h in config.pop("heads").items()
+        }
+        return cls(encoder=encoder, heads=heads, **config)
+
+
+class _BalancerEpochHook(keras.callbacks.Callback):
+    """Gives balancers that need an epoch boundary (DWA) their hook, without the user's help."""
+
+    def __init__(self, model_ref):
+        super().__init__()
+        self._model_ref = model_ref
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._model_ref.balancer is not None:
+            self._model_ref.balancer.on_epoch_end(epoch)
