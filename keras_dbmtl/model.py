@@ -130,6 +130,8 @@ class MultiTaskModel(keras.Model):
         else:
             spec = keras.tree.map_shape_structure(lambda s: keras.KerasTensor(tuple(s)), input_shape)
         keras.src.backend.compute_output_spec(self.call, spec)
+        if not getattr(self, "_build_shapes_dict", None):
+            self._build_shapes_dict = {"input_shape": input_shape}
         self.built = True
         # The balancer's state is sized by the shared variables: create it as soon as they exist, so that it is
         # part of the model's variables before the optimizer is built.
@@ -484,12 +486,14 @@ class MultiTaskModel(keras.Model):
                 "model.save('model.keras'), then export it through the TensorFlow backend:\n"
                 "    KERAS_BACKEND=tensorflow python -m keras_dbmtl.export model.keras served/"
             )
-        if backend == "jax" and format == "tf_saved_model":
-            self._eager_call_for_export(kwargs.get("input_signature"))
+        if format == "tf_saved_model" and kwargs.get("input_signature") is None and (
+            backend == "jax" or not getattr(self, "_called", False)
+        ):
+            # JAX needs one eager call before exporting, and so does a model just loaded from a .keras file.
+            self._eager_call_for_export()
         return super().export(filepath, format=format, **kwargs)
 
-    def _eager_call_for_export(self, input_signature=None):
-        # JAX needs one eager call before exporting (it records the input structure and builds every layer).
+    def _eager_call_for_export(self):
         shapes = getattr(self, "_build_shapes_dict", None)
         if not shapes:
             raise ValueError("Call or fit the model once before exporting it.")

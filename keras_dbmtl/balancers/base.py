@@ -141,7 +141,7 @@ class Balancer(keras.layers.Layer):
         self.num_shared_parameters = int(num_shared_parameters)
         self.task_names = list(task_names) if task_names is not None else None
         self.iterations = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False, name="iterations"
+            shape=(), dtype="int32", initializer="zeros", trainable=False, name="iterations"
         )
         self.built = True
 
@@ -152,7 +152,7 @@ class Balancer(keras.layers.Layer):
 
     def next_step(self):
         """Increments the step counter and returns k, counting from 1 (as a float32 scalar)."""
-        self.iterations.assign_add(ops.cast(1, "int64"))
+        self.iterations.assign_add(ops.cast(1, "int32"))
         return ops.cast(self.iterations, "float32")
 
     # ------------------------------------------------------------------ losses
@@ -161,6 +161,12 @@ class Balancer(keras.layers.Layer):
         if self.loss_transform == "log":
             return ops.log(task_losses + self.eps)
         return task_losses
+
+    def untransform_losses(self, transformed_losses):
+        """The inverse of `transform_losses`: the raw task losses (for methods whose statistics use raw losses)."""
+        if self.loss_transform == "log":
+            return ops.exp(transformed_losses) - self.eps
+        return transformed_losses
 
     def combine_losses(self, transformed_losses):
         """Loss-level methods: the scalar that is differentiated once. Returns (loss, task_weights)."""
