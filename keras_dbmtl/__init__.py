@@ -8,9 +8,12 @@ model.compile(optimizer="adam", loss={"seg": ..., "depth": ...}, balancer="dbmtl
 """
 
 from keras_dbmtl import balancers
+from keras_dbmtl import callbacks
 from keras_dbmtl import gradients
+from keras_dbmtl import losses
+from keras_dbmtl import metrics
 from keras_dbmtl.model import MultiTaskModel
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiTaskModel", "balancers", "gradients", "__version__"]
+__all__ = ["MultiTaskModel", "balancers", "callbacks", "gradients", "losses", "metrics", "__version__"]

@@ -1,0 +1,281 @@
+"""Delta_p (Eq. 3 of the DB-MTL paper): relative gain of an MTL model over STL.
+
+    Delta_p,t = 100% * 1/N_t * sum_i (-1)^{s_t,i} (M_t,i - M_STL_t,i) / M_STL_t,i
+    Delta_p   = 1/T * sum_t Delta_p,t
+
+with ``s = 1`` for a lower-is-better metric.  Higher Delta_p is better.
+
+Two entry points:
+
+- :func:`delta_p` / :func:`delta_p_per_task` over a flat dict of results (the
+  dict of ``model.evaluate(..., return_dict=True)`` or of one History epoch).
+- :class:`DeltaP`, a callback that writes ``val_delta_p`` into the epoch logs
+  every epoch, so that History, ``ModelCheckpoint(monitor="val_delta_p",
+  mode="max")`` and ``ReduceLROnPlateau(monitor="val_delta_p", mode="max")``
+  (the paper's QM9 schedule) see it.
+
+Baselines are given per task, keyed by the metric's log key (without the
+``val_`` prefix)::
+
+    baselines = {
+        "seg":    {"seg_miou": 53.50, "seg_pixel_acc": 75.39},
+        "depth":  {"depth_abs_err": 0.3926, "depth_rel_err": 0.1605},
+        "normal": {"normal_angle_mean": 21.99, "normal_angle_median": 15.16,
+                   "normal_within_11_25": 39.04, "normal_within_22_5": 65.00,
+                   "normal_within_30": 75.16},
+    }
+
+A flat ``{key: value}`` dict makes every metric its own task (QM9, Office).
+"""
+
+import numbers
+import re
+import sys
+
+import keras
+
+__all__ = ["delta_p", "delta_p_per_task", "default_higher_is_better", "DeltaP"]
+
+# Default metric names of keras_dbmtl.metrics -> whether higher is better.
+_KNOWN_DIRECTIONS = (
+    (re.compile(r"(^|_)miou$"), True),
+    (re.compile(r"(^|_)pixel_acc$"), True),
+    (re.compile(r"(^|_)within_[0-9_]+$"), True),
+    (re.compile(r"(^|_)accuracy$"), True),
+    (re.compile(r"(^|_)abs_err$"), False),
+    (re.compile(r"(^|_)rel_err$"), False),
+    (re.compile(r"(^|_)angle_mean$"), False),
+    (re.compile(r"(^|_)angle_median$"), False),
+    (re.compile(r"(^|_)mae$"), False),
+)
+
+
+def default_higher_is_better(key):
+    """Direction of a log key built from a keras_dbmtl metric's default name.
+
+    ``"seg_miou" -> True``, ``"depth_abs_err" -> False``, ... Raises
+    ``ValueError`` for an unknown key (pass ``higher_is_better`` explicitly).
+    """
+    for pattern, higher in _KNOWN_DIRECTIONS:
+        if pattern.search(key):
+            return higher
+    raise ValueError(
+        f"Cannot tell whether higher or lower is better for metric {key!r}: "
+        "pass higher_is_better={key: bool, ...} (or one bool for all).")
+
+
+def _normalise_baselines(baselines):
+    if not baselines:
+        raise ValueError("`baselines` is empty.")
+    grouped = {}
+    for task, value in baselines.items():
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError(f"Task {task!r} has no baseline metric.")
+            grouped[task] = {k: float(v) for k, v in value.items()}
+        else:
+            grouped[task] = {task: float(value)}
+    return grouped
+
+
+def _direction(key, higher_is_better):
+    if isinstance(higher_is_better, bool):
+        return higher_is_better
+    if higher_is_better is None:
+        return default_higher_is_better(key)
+    if key in higher_is_better:
+        return bool(higher_is_better[key])
+    return default_higher_is_better(key)
+
+
+def _value(results, key):
+    value = results[key]
+    if isinstance(value, numbers.Number):
+        return float(value)
+    return float(keras.ops.convert_to_numpy(value))
+
+
+def _relative_changes(results, baselines, higher_is_better, prefix):
+    grouped = _normalise_baselines(baselines)
+    missing = [prefix + k for metrics in grouped.values() for k in metrics
+               if prefix + k not in results]
+    if missing:
+        raise KeyError(
+            f"Delta_p needs {missing}, which are not in the results "
+            f"(available: {sorted(results)}).")
+    changes = {}
+    for task, metrics in grouped.items():
+        changes[task] = []
+        for key, base in metrics.items():
+            if base == 0:
+                raise ValueError(f"Baseline of {key!r} is 0: Delta_p undefined.")
+            sign = 1.0 if _direction(key, higher_is_better) else -1.0
+            value = _value(results, prefix + key)
+            changes[task].append(sign * (value - base) / base)
+    return changes
+
+
+def delta_p_per_task(results, baselines, higher_is_better=None, *, prefix=""):
+    """Delta_p,t of every task, in percent: ``{task: float}``.
+
+    Args:
+        results: mapping log key -> value (numbers, numpy or backend scalars).
+        baselines: ``{task: {key: stl_value}}``, or ``{key: stl_value}`` where
+            every metric is its own task.
+        higher_is_better: one bool for every metric, or ``{key: bool}``; keys
+            not listed (or ``None``) fall back to
+            :func:`default_higher_is_better` (keras_dbmtl metric names).
+        prefix: prepended to each key when reading ``results`` (``"val_"``).
+    """
+    changes = _relative_changes(results, baselines, higher_is_better, prefix)
+    return {t: 100.0 * sum(c) / len(c) for t, c in changes.items()}
+
+
+def delta_p(results, baselines, higher_is_better=None, *, prefix="",
+            average="task"):
+    """Delta_p of Eq. 3 in percent (higher is better).
+
+    ``average="task"`` (default, the paper's Eq. 3 and LibMTL): mean over the
+    tasks of the per-task mean.  ``average="metric"``: mean over all metrics
+    at once (Nash-MTL's code); the two agree when every task has the same
+    number of metrics.  Other arguments as in :func:`delta_p_per_task`.
+    """
+    changes = _relative_changes(results, baselines, higher_is_better, prefix)
+    if average == "task":
+        per_task = [sum(c) / len(c) for c in changes.values()]
+        return 100.0 * sum(per_task) / len(per_task)
+    if average == "metric":
+        flat = [x for c in changes.values() for x in c]
+        return 100.0 * sum(flat) / len(flat)
+    raise ValueError(f"average must be 'task' or 'metric', got {average!r}.")
+
+
+def _calling_callback_list(callback, max_depth=8):
+    """The keras CallbackList whose hook is running ``callback`` (or None)."""
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # called from the top of the stack
+        return None
+    depth = 0
+    while frame is not None and depth < max_depth:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList):
+            if any(c is callback for c in owner.callbacks):
+                return owner
+        frame = frame.f_back
+        depth += 1
+    return None
+
+
+@keras.saving.register_keras_serializable(package="keras_dbmtl")
+class DeltaP(keras.callbacks.Callback):
+    """Writes Delta_p (Eq. 3) into the epoch logs as ``val_delta_p``.
+
+    At the end of every epoch that ran validation, computes :func:`delta_p`
+    from the logs' ``val_<key>`` entries and the STL ``baselines``, and stores
+    it in the logs dict that Keras hands to every callback, so it appears in
+    ``History.history["val_delta_p"]``, the progress bar, CSVLogger, and can
+    be monitored (``mode="max"``) by ModelCheckpoint, EarlyStopping and
+    ReduceLROnPlateau.
+
+    Position in the callback list: Keras 3 passes one shared logs dict to the
+    callbacks in list order, so a monitoring callback only sees keys written
+    by callbacks before it.  At ``on_train_begin`` DeltaP moves itself to the
+    front of the running ``CallbackList`` (its own relative order is the only
+    thing that changes), so it may be given anywhere in ``callbacks=[...]``.
+    If it cannot find the list (a hand-driven loop), it warns once and
+    then must be placed before the callbacks that monitor its key.
+
+    Args:
+        baselines: STL values, ``{task: {key: value}}`` or ``{key: value}``;
+            keys are the log keys without the ``val_`` prefix.
+        higher_is_better: bool or ``{key: bool}``; default infers it from the
+            keras_dbmtl metric names.
+        prefix: logs prefix to read and write (``"val_"``; ``""`` for the
+            training metrics).
+        name: written key is ``prefix + name`` (``"val_delta_p"``).
+        average: ``"task"`` (Eq. 3) or ``"metric"``.
+        log_per_task: also write ``prefix + name + "_" + task`` for each task.
+        verbose: 1 prints the value each epoch.
+    """
+
+    def __init__(self, baselines, higher_is_better=None, prefix="val_",
+                 name="delta_p", average="task", log_per_task=False,
+                 verbose=0):
+        super().__init__()
+        self.baselines = {
+            t: ({k: float(x) for k, x in v.items()} if isinstance(v, dict)
+                else float(v))
+            for t, v in baselines.items()
+        }
+        if isinstance(higher_is_better, dict):
+            higher_is_better = {k: bool(v) for k, v in higher_is_better.items()}
+        self.higher_is_better = higher_is_better
+        self.prefix = prefix
+        self.name = name
+        self.average = average
+        self.log_per_task = bool(log_per_task)
+        self.verbose = int(verbose)
+        self._warned = False
+        # Fail early on bad settings rather than after the first epoch.
+        if average not in ("task", "metric"):
+            raise ValueError(f"average must be 'task' or 'metric', got {average!r}.")
+        for metrics in _normalise_baselines(self.baselines).values():
+            for key in metrics:
+                _direction(key, higher_is_better)
+
+    @property
+    def monitor(self):
+        """The key this callback writes, e.g. ``"val_delta_p"``."""
+        return self.prefix + self.name
+
+    def _move_to_front(self):
+        callback_list = _calling_callback_list(self)
+        if callback_list is None:
+            if not self._warned:
+                self._warned = True
+                import warnings
+                warnings.warn(
+                    "DeltaP could not find the CallbackList running it; place "
+                    f"it before any callback that monitors {self.monitor!r}.",
+                    stacklevel=3)
+            return
+        callbacks = callback_list.callbacks
+        index = next(i for i, c in enumerate(callbacks) if c is self)
+        if index:
+            # In place: CallbackList is iterating over this very list; moving
+            # the current element to the front keeps the elements after it
+            # at their indices, so the loop neither skips nor repeats one.
+            callbacks.insert(0, callbacks.pop(index))
+
+    def on_train_begin(self, logs=None):
+        self._move_to_front()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        if self.prefix and not any(k.startswith(self.prefix) for k in logs):
+            return  # no validation this epoch (validation_freq > 1)
+        results = dict(logs)
+        value = delta_p(results, self.baselines, self.higher_is_better,
+                        prefix=self.prefix, average=self.average)
+        logs[self.monitor] = value
+        if self.log_per_task:
+            per_task = delta_p_per_task(results, self.baselines,
+                                        self.higher_is_better,
+                                        prefix=self.prefix)
+            for task, v in per_task.items():
+                logs[f"{self.monitor}_{task}"] = v
+        if self.verbose:
+            print(f"\nEpoch {epoch + 1}: {self.monitor} = {value:+.4f}")
+
+    def get_config(self):
+        return {"baselines": self.baselines,
+                "higher_is_better": self.higher_is_better,
+                "prefix": self.prefix, "name": self.name,
+                "average": self.average, "log_per_task": self.log_per_task,
+                "verbose": self.verbose}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
