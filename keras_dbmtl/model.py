@@ -403,6 +403,9 @@ class MultiTaskModel(keras.Model):
         usable = ops.logical_not(ops.any(invalid))
         grads = [ops.where(usable, g, ops.zeros_like(g)) for g in grads]
         self.optimizer.apply(grads, variables)
+        if balancer.needs_losses_after_update:                # FAMO: the same batch again, after the update
+            losses_after = self._task_losses(y, self(x, training=True), sample_weight)
+            balancer.update_after_step(ops.stop_gradient(raw_losses), ops.stop_gradient(losses_after))
 
         self._loss_tracker.update_state(ops.sum(raw_losses) + regularization)
         for t in range(num_tasks):

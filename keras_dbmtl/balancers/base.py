@@ -179,6 +179,28 @@ class Balancer(keras.layers.Layer):
     def on_epoch_end(self, epoch):
         """Hook for methods that need an epoch boundary (DWA). Called by the model's fit loop."""
 
+    # Methods that need the task losses of the same mini-batch after the update (FAMO) set this to True: the
+    # model's train step then makes one more forward pass after the optimizer step and calls `update_after_step`.
+    needs_losses_after_update = False
+
+    def update_after_step(self, losses_before, losses_after):
+        """Hook for `needs_losses_after_update`: raw task losses of the batch before and after the update."""
+
+    # ------------------------------------------------------------------ saving
+    # Keras saves a layer's variables but not the state of its SeedGenerators: balancers with random draws (RLW,
+    # PCGrad's task order, GradDrop, ...) store it too, so a restored model continues the same random stream.
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for i, generator in enumerate(getattr(self, "_seed_generators", [])):
+            store[f"seed_generator_{i}"] = generator.state
+
+    def load_own_variables(self, store):
+        seeds = {key: store[key] for key in store.keys() if str(key).startswith("seed_generator_")}
+        super().load_own_variables({key: store[key] for key in store.keys() if key not in seeds})
+        for i, generator in enumerate(getattr(self, "_seed_generators", [])):
+            if f"seed_generator_{i}" in seeds:
+                generator.state.assign(seeds[f"seed_generator_{i}"])
+
     # ------------------------------------------------------------------ config
     def get_config(self):
         config = super().get_config()

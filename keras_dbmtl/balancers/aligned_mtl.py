@@ -1,0 +1,38 @@
+"""Aligned-MTL: independent component alignment (Senushkin et al., "Independent Component Alignment for
+Multi-Task Learning", CVPR 2023).
+
+    G = J J^T = V Lambda V^T                          (eigendecomposition of the Gramian, rank r)
+    B = sqrt(lambda_min) V Lambda^-1/2 V^T            (Algorithm 1: aligns the gradients' principal components;
+                                                       (B J)(B J)^T = lambda_min I on the range of G)
+    d = sum_t alpha_t g_t,  alpha = B^T 1             (the sum of the aligned, equal-norm, orthogonal gradients)
+
+lambda_min is the smallest non-zero eigenvalue ("min" scale mode of the official code); eigenvalues below
+T * float32-eps of the largest are treated as zero (the official rank tolerance). Gramian only. Heads receive
+their own task's gradient.
+"""
+
+from keras import ops
+
+from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+def aligned_weights(gramian):
+    inverse_sqrt, eigenvalues, kept = solvers.psd_power(gramian, -0.5)
+    smallest = ops.min(ops.where(kept, eigenvalues, ops.max(eigenvalues)))
+    alignment = ops.sqrt(ops.maximum(smallest, 0.0)) * inverse_sqrt            # B
+    return ops.sum(alignment, axis=0)                                            # alpha = B^T 1
+
+
+@register("aligned_mtl")
+class AlignedMTL(Balancer):
+    """Aligned-MTL: the gradient system made orthogonal with equal norms (its smallest singular value).
+
+    Cost: T backward + O(T^2 P) Gramian.
+    """
+
+    needs = "gramian"
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        return Aggregation(task_weights=aligned_weights(task_jacobian.gramian()))

@@ -1,0 +1,61 @@
+"""CAGrad: conflict-averse gradient descent (Liu et al., NeurIPS 2021).
+
+    max_d min_t g_t . d   s.t.  ||d - g_0|| <= c ||g_0||,   g_0 = (1/T) sum_t g_t        (the primal problem)
+    w* = argmin_{w in simplex}  g_w . g_0 + c ||g_0|| ||g_w||,   g_w = sum_t w_t g_t      (its dual)
+    d  = g_0 + (c ||g_0|| / ||g_w*||) g_w*                                                (Algorithm 1)
+    d <- d / (1 + c^2)                                                                    (rescale = 1)
+
+Defaults: c = 0.5, rescale = 1 (the official code and LibMTL); rescale = 0 keeps d, rescale = 2 divides by
+(1 + c). c = 0 gives the mean gradient. Every quantity is a product with the Gramian: needs = "gramian", and the
+result is task weights w_t = (1/T + lambda w*_t) / rescale. The dual is solved in the compiled step by
+`solvers.cagrad_weights` (projected gradient, fixed iterations) instead of scipy's SLSQP. Heads receive their own
+task's gradient.
+"""
+
+from keras import ops
+
+from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+@register("cagrad")
+class CAGrad(Balancer):
+    """CAGrad: the direction maximising the worst task improvement within a ball around the mean gradient.
+
+    Cost: T backward + O(T^2 P) Gramian.
+
+    Args:
+        c: radius of the ball, relative to ||g_0|| (default 0.5).
+        rescale: 0, 1 (default) or 2, the final division (none, 1 + c^2, 1 + c).
+    """
+
+    needs = "gramian"
+
+    def __init__(self, c=0.5, rescale=1, loss_transform=None, eps=1e-8, **kwargs):
+        super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        if float(c) < 0.0:
+            raise ValueError(f"c must be >= 0, got {c}.")
+        if int(rescale) not in (0, 1, 2):
+            raise ValueError(f"rescale must be 0, 1 or 2, got {rescale}.")
+        self.c = float(c)
+        self.rescale = int(rescale)
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        gramian = task_jacobian.gramian()
+        num = self.num_tasks
+        mean = ops.ones((num,), "float32") / num
+        if self.c == 0.0:
+            return Aggregation(task_weights=mean)                                   # d = g_0
+        w = solvers.cagrad_weights(gramian, self.c)                                 # the dual's w*
+        g0_norm = ops.sqrt(ops.maximum(ops.mean(gramian), 0.0))                      # ||g_0||
+        gw_norm = ops.sqrt(ops.maximum(ops.sum(w * ops.matmul(gramian, w)), 0.0))    # ||g_w||
+        lam = self.c * g0_norm / (gw_norm + self.eps)
+        weights = mean + lam * w                                                    # d = g_0 + lambda g_w
+        divisor = {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
+        return Aggregation(task_weights=weights / divisor)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"c": self.c, "rescale": self.rescale})
+        return config

@@ -1,0 +1,41 @@
+"""ConFIG: conflict-free inverse gradients (Liu et al., "ConFIG: Towards Conflict-free Training of Physics
+Informed Neural Networks", ICLR 2025).
+
+    U   = [g_1/||g_1||, ..., g_T/||g_T||]^T          (unit task gradients, T x P)
+    g_v = U^+ 1_T                                    (the direction with equal cosine to every task; min-norm)
+    g_u = g_v / ||g_v||
+    d   = (sum_t g_t . g_u) g_u                      (length: the sum of the projections)
+
+U^+ 1 = U^T (U U^T)^+ 1 and U U^T is the cosine matrix of the Gramian, so ConFIG needs only the Gramian:
+g_v = sum_t a_t g_t with a = diag(1/||g||) (U U^T)^+ 1. The pseudo-inverse uses `eigh` (eigenvalues below
+T * float32-eps of the largest are dropped, as torch.linalg.pinv). Heads receive their own task's gradient.
+"""
+
+from keras import ops
+
+from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+def config_weights(gramian, eps=1e-8):
+    norms = ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0)) + eps
+    cosines = gramian / (norms[:, None] * norms[None, :])                         # U U^T
+    pinv, _, _ = solvers.psd_power(cosines, -1.0)
+    a = ops.sum(pinv, axis=1) / norms                                             # g_v = sum_t a_t g_t
+    gv_norm = ops.sqrt(ops.maximum(ops.sum(a * ops.matmul(gramian, a)), 0.0)) + eps
+    length = ops.sum(ops.matmul(gramian, a)) / gv_norm                             # sum_t g_t . g_u
+    return a * length / gv_norm                                                    # d = length * g_u
+
+
+@register("config")
+class ConFIG(Balancer):
+    """ConFIG: equal-cosine direction, scaled by the sum of the task projections.
+
+    Cost: T backward + O(T^2 P) Gramian.
+    """
+
+    needs = "gramian"
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        return Aggregation(task_weights=config_weights(task_jacobian.gramian(), self.eps))

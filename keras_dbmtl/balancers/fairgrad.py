@@ -1,0 +1,42 @@
+"""FairGrad: fair resource allocation in multi-task learning (Ban and Ji, ICML 2024).
+
+    find w > 0 with  (J J^T) w = w^(-1/alpha)      (alpha-fair allocation; Section 4 of the paper)
+    d = sum_t w_t g_t;   psi_t <- psi_t - lr w_t grad l_t
+
+alpha = 1 is proportional fairness (Nash-MTL's equation on the unnormalised Gramian), alpha -> infinity max-min
+fairness. Default alpha = 1.0 (LibMTL's). The official code solves the equation with scipy's `least_squares`
+from w = 1/T; here the solution is computed in the compiled step by `solvers.power_fair_weights` (Newton's method
+with a line search on the strictly convex potential w^T G w / 2 - sum_t psi(w_t), psi' = w^(-1/alpha), 30
+iterations). The weights
+multiply the task losses (heads included), as the official weighted loss sum_t w_t l_t does.
+"""
+
+from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+@register("fairgrad")
+class FairGrad(Balancer):
+    """FairGrad: alpha-fair task weights solving G w = w^(-1/alpha). Cost: T backward + O(T^2 P) Gramian.
+
+    Args:
+        alpha: fairness parameter > 0 (default 1.0).
+    """
+
+    needs = "gramian"
+
+    def __init__(self, alpha=1.0, loss_transform=None, eps=1e-8, **kwargs):
+        super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        if not float(alpha) > 0.0:
+            raise ValueError(f"alpha must be positive, got {alpha}.")
+        self.alpha = float(alpha)
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        weights = solvers.power_fair_weights(task_jacobian.gramian(), self.alpha)
+        return Aggregation(task_weights=weights, head_weights=weights)
+
+    def get_config(self):
+        config = super().get_config()
+        config["alpha"] = self.alpha
+        return config

@@ -1,0 +1,55 @@
+"""GradDrop: gradient sign dropout (Chen et al., "Just Pick a Sign", NeurIPS 2020).
+
+    P   = (1/2) (1 + sum_t g_t / sum_t |g_t|)                                  (sign purity, per entry; Section 3)
+    U   ~ Uniform(0, 1), one draw per entry
+    M_t = [P > U] [g_t > 0] + [P < U] [g_t < 0]                                (keep one sign per entry)
+    M_t <- k + (1 - k) M_t                                                     (leak k, default 0)
+    d   = sum_t M_t g_t
+
+Deviation, documented: the paper applies GradDrop to the gradients of a shared *activation* (summed over the batch
+dimension); the model gives the balancer the per-task gradients of the shared *parameters*, so the masks are drawn
+per parameter entry (the construction is otherwise identical). Needs the Jacobian (elementwise), so needs =
+"jacobian". Logged weight: the fraction of task t's gradient entries kept.
+"""
+
+import keras
+from keras import ops
+
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+@register("graddrop")
+class GradDrop(Balancer):
+    """GradDrop: randomly keeps, entry by entry, the positive or the negative task gradients. Cost: T backward.
+
+    Args:
+        leak: k in [0, 1], the share of every gradient always kept (default 0.0).
+        seed: seed of the balancer's `SeedGenerator`.
+    """
+
+    needs = "jacobian"
+
+    def __init__(self, leak=0.0, seed=None, loss_transform=None, eps=1e-8, **kwargs):
+        super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        if not 0.0 <= float(leak) <= 1.0:
+            raise ValueError(f"leak must be in [0, 1], got {leak}.")
+        self.leak = float(leak)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        gradients = task_jacobian.matrix()                                        # (T, P)
+        purity = 0.5 * (1.0 + ops.sum(gradients, axis=0) / (ops.sum(ops.abs(gradients), axis=0) + self.eps))
+        draw = keras.random.uniform(ops.shape(purity), seed=self.seed_generator)
+        keep_positive = ops.cast(purity > draw, "float32")[None, :]
+        keep_negative = ops.cast(purity < draw, "float32")[None, :]
+        mask = keep_positive * ops.cast(gradients > 0.0, "float32") + keep_negative * ops.cast(gradients < 0.0, "float32")
+        mask = self.leak + (1.0 - self.leak) * mask
+        direction = ops.sum(mask * gradients, axis=0)
+        return Aggregation(task_weights=ops.mean(mask, axis=1), shared_direction=direction)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"leak": self.leak, "seed": self.seed})
+        return config

@@ -1,0 +1,75 @@
+"""GradNorm: gradient normalisation (Chen et al., ICML 2018).
+
+    w_t = T softmax(s)_t                          learnable weights, sum_t w_t = T (LibMTL's parametrisation)
+    G_t = ||w_t g_t||,  G_bar = mean_t G_t       (g_t: task gradient of the shared variables)
+    r_t = (l_t / l_t(0)) / mean_i (l_i / l_i(0))  (relative inverse training rate; l(0): the first step's losses)
+    L_grad = sum_t | G_t - [G_bar r_t^alpha] |    (Eq. 2; the bracket is a constant)
+    theta, psi <- descent on sum_t w_t l_t;   s <- descent on L_grad
+
+alpha = 1.5 (the paper's NYUv2 value, LibMTL's default). The weights multiply the task losses (shared and head
+gradients alike). GradNorm measures G_t on the last shared layer; like LibMTL this uses all shared variables.
+The losses in r_t are the raw losses (also under `loss_transform="log"`).
+
+The logits s are a trainable variable updated by the model's optimizer, as in the paper (same optimizer as the
+network). Deviation, documented: the model gives a balancer's trainable variables the gradient of
+sum_t transformed_losses[t], computed before `aggregate`; to make that gradient equal dL_grad/ds, the balancer adds
+(s - stop_gradient(s)) . c to the transformed losses (value unchanged, shared/head gradients unchanged), where c is
+dL_grad/ds computed analytically in `aggregate` and kept in a state variable. The optimizer therefore applies the
+L_grad gradient of step k at step k + 1 (one step late). A model hook returning the balancer's own gradients
+(e.g. `Aggregation.extra_gradients`) would remove the delay.
+"""
+
+from keras import ops
+
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+@register("gradnorm")
+class GradNorm(Balancer):
+    """GradNorm: weights learned so that the weighted gradient norms follow the tasks' training rates.
+
+    Cost: T backward + O(T^2 P) Gramian.
+
+    Args:
+        alpha: strength of the restoring force (default 1.5).
+    """
+
+    needs = "gramian"
+
+    def __init__(self, alpha=1.5, loss_transform=None, eps=1e-8, **kwargs):
+        super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        self.alpha = float(alpha)
+
+    def build(self, num_tasks, num_shared_parameters, task_names=None):
+        super().build(num_tasks, num_shared_parameters, task_names)
+        self.logits = self.add_weight(shape=(num_tasks,), initializer="zeros", trainable=True, name="logits")
+        self.logit_gradient = self.state_variable((num_tasks,), "logit_gradient")          # c = dL_grad/ds
+        self.initial_losses = self.state_variable((num_tasks,), "initial_losses")          # l(0)
+
+    def transform_losses(self, task_losses):
+        losses = super().transform_losses(task_losses)
+        carrier = (self.logits - ops.stop_gradient(self.logits)) * ops.stop_gradient(self.logit_gradient)
+        return losses + carrier                                                  # same value; d/ds = c
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        first = ops.equal(self.iterations, 0)
+        self.next_step()
+        z = ops.softmax(ops.convert_to_tensor(self.logits))
+        weights = self.num_tasks * z                                              # w_t
+        norms = task_jacobian.norms()                                             # ||g_t||
+        weighted_norms = weights * norms                                          # G_t
+        raw = self.untransform_losses(transformed_losses)
+        initial = ops.where(first, raw, self.initial_losses.value)
+        self.initial_losses.assign(initial)
+        ratio = raw / (initial + self.eps)
+        rate = ratio / ops.mean(ratio)                                            # r_t
+        target = ops.stop_gradient(ops.mean(weighted_norms) * ops.power(rate, self.alpha))
+        d_weights = ops.sign(weighted_norms - target) * norms                      # dL_grad/dw_t (Eq. 2)
+        self.logit_gradient.assign(self.num_tasks * z * (d_weights - ops.sum(z * d_weights)))   # chain rule
+        return Aggregation(task_weights=weights, head_weights=weights)
+
+    def get_config(self):
+        config = super().get_config()
+        config["alpha"] = self.alpha
+        return config

@@ -1,0 +1,81 @@
+"""GradVac: gradient vaccine (Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization
+in Massively Multilingual Models", ICLR 2021).
+
+    for each task i:  g_i' = g_i
+        for j != i in a random order:                                          (Algorithm 1)
+            phi_ij = cos(g_i', g_j)
+            if phi_ij < phi_hat_ij:   (phi_hat_ij: EMA target of the cosine similarity)
+                g_i' += g_j ||g_i'|| (phi_hat_ij sqrt(1 - phi_ij^2) - phi_ij sqrt(1 - phi_hat_ij^2))
+                                    / (||g_j|| sqrt(1 - phi_hat_ij^2))
+            phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij
+    d = sum_i g_i'
+
+As with PCGrad, g_i' stays a linear combination of the original gradients, so the whole procedure (cosines and
+norms included) runs on the T x T Gramian (needs = "gramian") and the logged weights are the coefficients of d.
+phi_hat (T x T, starts at 0) is a state variable. beta = 0.01 is the paper's; LibMTL's default is 0.5. The
+targets are updated for every visited pair, as in Algorithm 1. Whole-model granularity (one phi_hat per pair).
+"""
+
+import keras
+from keras import ops
+
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+@register("gradvac")
+class GradVac(Balancer):
+    """GradVac: aligns each pair of task gradients towards an EMA target cosine similarity.
+
+    Cost: T backward + O(T^2 P) Gramian.
+
+    Args:
+        beta: EMA rate of the target similarities (default 0.01, the paper's).
+        seed: seed of the balancer's `SeedGenerator` (the random task order).
+    """
+
+    needs = "gramian"
+
+    def __init__(self, beta=0.01, seed=None, loss_transform=None, eps=1e-8, **kwargs):
+        super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}.")
+        self.beta = float(beta)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, num_tasks, num_shared_parameters, task_names=None):
+        super().build(num_tasks, num_shared_parameters, task_names)
+        self.targets = self.state_variable((num_tasks, num_tasks), "targets")              # phi_hat
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        gramian = task_jacobian.gramian()
+        num = self.num_tasks
+        order = ops.argsort(keras.random.uniform((num, num), seed=self.seed_generator), axis=1)
+        coefficients = ops.eye(num, dtype="float32")                               # g_i' = sum_j C_ij g_j
+        targets = ops.convert_to_tensor(self.targets)
+        norms = ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0))
+        tasks = ops.arange(num)
+        for k in range(num):
+            other = order[:, k]
+            pick = ops.one_hot(other, num, dtype="float32")
+            visited = ops.not_equal(other, tasks)
+            products = ops.matmul(coefficients, gramian)
+            inner = ops.sum(products * pick, axis=1)                               # g_i' . g_j
+            norm_i = ops.sqrt(ops.maximum(ops.sum(products * coefficients, axis=1), 0.0))
+            norm_j = ops.sum(pick * norms[None, :], axis=1)
+            phi = ops.clip(inner / (norm_i * norm_j + self.eps), -1.0, 1.0)
+            target = ops.sum(pick * targets, axis=1)
+            root_phi, root_target = ops.sqrt(1.0 - phi * phi), ops.sqrt(1.0 - target * target)
+            step = norm_i * (target * root_phi - phi * root_target) / (norm_j * root_target + self.eps)
+            adjust = ops.logical_and(visited, phi < target)
+            coefficients = coefficients + ops.where(adjust, step, 0.0)[:, None] * pick
+            updated = ops.where(visited, (1.0 - self.beta) * target + self.beta * phi, target)
+            targets = targets + (updated - target)[:, None] * pick
+        self.targets.assign(targets)
+        return Aggregation(task_weights=ops.sum(coefficients, axis=0))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"beta": self.beta, "seed": self.seed})
+        return config

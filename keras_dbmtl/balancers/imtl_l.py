@@ -1,0 +1,33 @@
+"""IMTL-L: the loss balancing half of IMTL (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021).
+
+    L = sum_t [ exp(s_t) l_t - s_t ]                                           (Section 3 of the paper)
+
+The scales s_t (initialised to 0) are trainable variables updated by the model's optimizer with the network:
+one gradient step on s per iteration, as in the paper. Logged weight: exp(s_t). The DB-MTL paper's
+Proposition 3.1 shows that the exact minimiser over s turns this into the log transform.
+"""
+
+from keras import ops
+
+from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+def scaled_losses(losses, scales):
+    """exp(s_t) l_t - s_t (IMTL-L's transformed loss)."""
+    return ops.exp(scales) * losses - scales
+
+
+@register("imtl_l")
+class IMTLL(Balancer):
+    """IMTL-L: learnable loss scales s_t, loss exp(s_t) l_t - s_t. Cost: 1 backward."""
+
+    needs = "losses"
+
+    def build(self, num_tasks, num_shared_parameters, task_names=None):
+        super().build(num_tasks, num_shared_parameters, task_names)
+        self.scales = self.add_weight(shape=(num_tasks,), initializer="zeros", trainable=True, name="scales")
+
+    def combine_losses(self, transformed_losses):
+        loss = ops.sum(scaled_losses(transformed_losses, self.scales))
+        return loss, ops.stop_gradient(ops.exp(self.scales))

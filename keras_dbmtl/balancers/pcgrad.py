@@ -1,0 +1,66 @@
+"""PCGrad: projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020).
+
+    for each task i:  g_i^PC = g_i
+        for j != i in a random order:                                          (Algorithm 1)
+            if g_i^PC . g_j < 0:  g_i^PC <- g_i^PC - (g_i^PC . g_j / ||g_j||^2) g_j
+    d = sum_i g_i^PC
+
+Every g_i^PC is a linear combination of the original gradients, g_i^PC = sum_j C_ij g_j, and every inner
+product the algorithm needs is an entry of C G (G = J J^T). So the surgery runs on the T x T Gramian (needs =
+"gramian") and the direction is d = (1^T C) J, formed block by block by the model: the logged task weights are
+exactly the coefficients of the direction. The random order (one permutation per task, every step) comes from the
+balancer's `SeedGenerator`. Heads receive their own task's gradient.
+"""
+
+import keras
+from keras import ops
+
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+def pcgrad_coefficients(gramian, order, eps=1e-12):
+    """C with g_i^PC = sum_j C_ij g_j, visiting for task i the tasks order[i, 0], order[i, 1], ... (itself skipped)."""
+    num = gramian.shape[-1]
+    coefficients = ops.eye(num, dtype=gramian.dtype)
+    squared_norms = ops.diagonal(gramian)
+    tasks = ops.arange(num)
+    for k in range(num):
+        other = order[:, k]                                                       # j for every i at once
+        pick = ops.one_hot(other, num, dtype=gramian.dtype)                       # E_ij = [j == order[i, k]]
+        inner = ops.sum(ops.matmul(coefficients, gramian) * pick, axis=1)         # g_i^PC . g_j
+        conflict = ops.logical_and(inner < 0.0, ops.not_equal(other, tasks))
+        norm_j = ops.sum(pick * squared_norms[None, :], axis=1)                   # ||g_j||^2
+        step = ops.where(conflict, inner / (norm_j + eps), 0.0)
+        coefficients = coefficients - step[:, None] * pick                        # g_i^PC -= step g_j
+    return coefficients
+
+
+@register("pcgrad")
+class PCGrad(Balancer):
+    """PCGrad: sum of the task gradients, each projected off the gradients it conflicts with.
+
+    Cost: T backward + O(T^2 P) Gramian.
+
+    Args:
+        seed: seed of the balancer's `SeedGenerator` (the random task order).
+    """
+
+    needs = "gramian"
+
+    def __init__(self, seed=None, loss_transform=None, eps=1e-8, **kwargs):
+        super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        gramian = task_jacobian.gramian()
+        keys = keras.random.uniform((self.num_tasks, self.num_tasks), seed=self.seed_generator)
+        order = ops.argsort(keys, axis=1)                                         # a random permutation per task
+        coefficients = pcgrad_coefficients(gramian, order)
+        return Aggregation(task_weights=ops.sum(coefficients, axis=0))            # d = sum_i g_i^PC
+
+    def get_config(self):
+        config = super().get_config()
+        config["seed"] = self.seed
+        return config

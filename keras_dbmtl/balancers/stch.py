@@ -1,0 +1,78 @@
+"""STCH: smooth Tchebycheff scalarisation (Lin et al., "Smooth Tchebycheff Scalarization for Multi-Objective
+Optimization", ICML 2024), as its authors run it for multi-task learning (their LibMTL extension).
+
+    f_t     = log(l_t / z_t)                         z_t: nadir-like reference point (below)
+    L_mu    = mu log sum_t exp(f_t / mu)             (smooth Tchebycheff, Section 3; lambda_t = 1)
+    L       = T L_mu                                 (the authors' scaling)
+
+Warm-up: for the first `warmup_epochs` epochs the loss is sum_t log l_t (EW on log-losses); during the last
+warm-up epoch the losses are averaged, and that average is z. Afterwards the smooth Tchebycheff loss is used.
+Defaults mu = 1, warmup_epochs = 4 (the authors' MTL code). Logged weight: dL/dl_t.
+
+Epochs are counted by `on_epoch_end` (outside the compiled step; see DWA for why this works on every backend).
+STCH already works on log-losses, so `loss_transform="log"` is rejected.
+"""
+
+from keras import ops
+
+from keras_dbmtl.balancers._checks import reject_log_transform
+from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+@register("stch")
+class STCH(Balancer):
+    """Smooth Tchebycheff scalarisation of the log-losses after a log-EW warm-up. Cost: 1 backward.
+
+    Args:
+        mu: smoothing parameter (default 1.0).
+        warmup_epochs: epochs of sum_t log l_t before STCH; the last one estimates z (default 4).
+    """
+
+    needs = "losses"
+
+    def __init__(self, mu=1.0, warmup_epochs=4, loss_transform=None, eps=1e-8, **kwargs):
+        super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        reject_log_transform(self, "already scalarises log-losses")
+        if not float(mu) > 0.0:
+            raise ValueError(f"mu must be positive, got {mu}.")
+        if int(warmup_epochs) < 1:
+            raise ValueError("warmup_epochs must be >= 1: the reference point z is the last warm-up epoch's mean.")
+        self.mu = float(mu)
+        self.warmup_epochs = int(warmup_epochs)
+
+    def build(self, num_tasks, num_shared_parameters, task_names=None):
+        super().build(num_tasks, num_shared_parameters, task_names)
+        self.epochs_seen = self.state_variable((), "epochs_seen")
+        self.loss_sums = self.state_variable((num_tasks,), "loss_sums")
+        self.loss_count = self.state_variable((), "loss_count")
+        self.reference = self.state_variable((num_tasks,), "reference", initializer="ones")   # z
+
+    def combine_losses(self, losses):
+        log_losses = ops.log(losses + self.eps)
+        # The last warm-up epoch accumulates the losses whose mean becomes z.
+        collecting = ops.cast(ops.equal(self.epochs_seen, self.warmup_epochs - 1.0), "float32")
+        self.loss_sums.assign(self.loss_sums + collecting * ops.stop_gradient(losses))
+        self.loss_count.assign(self.loss_count + collecting)
+
+        warm = ops.sum(log_losses)                                                # sum_t log l_t
+        f = log_losses - ops.log(self.reference)                                  # f_t = log(l_t / z_t)
+        stch = self.num_tasks * self.mu * ops.logsumexp(f / self.mu)              # smooth Tchebycheff, times T
+        in_warmup = self.epochs_seen < self.warmup_epochs
+        loss = ops.where(in_warmup, warm, stch)
+        softmax = self.num_tasks * ops.softmax(ops.stop_gradient(f) / self.mu)
+        weights = ops.where(in_warmup, 1.0, softmax) / ops.stop_gradient(losses + self.eps)   # dL/dl_t
+        return loss, weights
+
+    def on_epoch_end(self, epoch):
+        if not self.built:
+            return
+        if float(ops.convert_to_numpy(self.epochs_seen)) == self.warmup_epochs - 1.0:
+            count = ops.maximum(self.loss_count.value, 1.0)
+            self.reference.assign(self.loss_sums.value / count)
+        self.epochs_seen.assign(self.epochs_seen + 1.0)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mu": self.mu, "warmup_epochs": self.warmup_epochs})
+        return config

@@ -1,0 +1,55 @@
+"""UPGrad: unconflicting projection of gradients (Quinton and Rey, "Jacobian Descent for Multi-Objective
+Optimization", 2024).
+
+    pi_J(x)  = argmin_{y : J y >= 0} ||y - x||                  (Eq. 3: projection onto the dual cone of the rows)
+    pi_J(J^T u) = J^T v,  v = argmin_{v >= u} v^T G v            (Proposition 1, G = J J^T)
+    d = (1/T) sum_t pi_J(g_t) = J^T sum_t v^(t),   v^(t) = argmin_{v >= e_t / T} v^T G v   (pi_J is homogeneous)
+
+so J d >= 0: d conflicts with no task. As TorchJD/LibMTL, G is normalised by its trace (zero when the trace is
+below `norm_eps`) and regularised by `reg_eps` I; defaults 1e-4 and 1e-4. The T quadratic programs (quadprog in
+the reference) are solved together in the compiled step by `solvers.box_qp_weights`. Heads receive their own
+task's gradient.
+"""
+
+from keras import ops
+
+from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.registry import register
+
+
+def upgrad_weights(gramian, norm_eps=1e-4, reg_eps=1e-4):
+    num = gramian.shape[-1]
+    trace = ops.sum(ops.diagonal(gramian))
+    normalized = ops.where(trace < norm_eps, 0.0, gramian / ops.maximum(trace, norm_eps))
+    regularized = normalized + reg_eps * ops.eye(num, dtype=gramian.dtype)
+    projections = solvers.box_qp_weights(regularized, ops.eye(num, dtype=gramian.dtype) / num)   # rows v^(t)
+    return ops.sum(projections, axis=0)
+
+
+@register("upgrad")
+class UPGrad(Balancer):
+    """UPGrad: the mean of the task gradients, each projected onto the dual cone of all of them.
+
+    Cost: T backward + O(T^2 P) Gramian.
+
+    Args:
+        norm_eps: trace below which the Gramian is treated as zero (default 1e-4).
+        reg_eps: ridge added to the normalised Gramian (default 1e-4).
+    """
+
+    needs = "gramian"
+
+    def __init__(self, norm_eps=1e-4, reg_eps=1e-4, loss_transform=None, eps=1e-8, **kwargs):
+        super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        self.norm_eps = float(norm_eps)
+        self.reg_eps = float(reg_eps)
+
+    def aggregate(self, transformed_losses, task_jacobian):
+        weights = upgrad_weights(task_jacobian.gramian(), self.norm_eps, self.reg_eps)
+        return Aggregation(task_weights=weights)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"norm_eps": self.norm_eps, "reg_eps": self.reg_eps})
+        return config

@@ -1,0 +1,89 @@
+"""Helpers for the balancer tests: fixed inputs, eager calls, a tiny multi-task model."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_dbmtl.balancers import TaskJacobian
+
+# The brief's fixed example: two conflicting task gradients and their losses.
+JACOBIAN = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+LOSSES = np.array([2.0, 0.5])
+
+
+def tensor(x):
+    return ops.convert_to_tensor(np.asarray(x, dtype="float32"))
+
+
+def numpy(x):
+    return np.asarray(ops.convert_to_numpy(x), dtype="float64")
+
+
+def built(balancer, num_tasks, num_parameters=3, task_names=None):
+    balancer.build(num_tasks, num_parameters, task_names)
+    return balancer
+
+
+def aggregate(balancer, jacobian=JACOBIAN, losses=LOSSES, blocks=None):
+    """One eager aggregation; returns (direction (P,), task weights, head weights or None) as float64 arrays.
+
+    `losses` are raw losses: they go through the balancer's loss transform first, as in the model.
+    """
+    jacobian = np.asarray(jacobian, dtype="float64")
+    num_tasks = jacobian.shape[0]
+    if blocks is None:
+        blocks = [jacobian]
+    transformed = balancer.transform_losses(tensor(losses))
+    result = balancer.aggregate(transformed, TaskJacobian([tensor(b) for b in blocks], num_tasks))
+    weights = numpy(result.task_weights)
+    if result.shared_direction is None:
+        direction = weights @ np.concatenate([np.reshape(b, (num_tasks, -1)) for b in blocks], axis=1)
+    else:
+        direction = numpy(result.shared_direction)
+    heads = None if result.head_weights is None else numpy(result.head_weights)
+    return direction, weights, heads
+
+
+def compiled(function):
+    """`function` compiled as in a train step (jax.jit / tf.function(jit_compile=True)); as is on torch."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, jit_compile=True)
+    return function
+
+
+def combine(balancer, losses=LOSSES):
+    loss, weights = balancer.combine_losses(balancer.transform_losses(tensor(losses)))
+    return float(numpy(loss)), numpy(weights)
+
+
+def random_jacobian(rng, num_tasks, num_parameters, conflict=True):
+    jacobian = rng.normal(size=(num_tasks, num_parameters))
+    if conflict:
+        jacobian[1] = -0.7 * jacobian[0] + 0.3 * rng.normal(size=num_parameters)
+    return jacobian
+
+
+def make_tiny_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = {
+        "a": (x[:, :1] * 2.0 + 0.1 * rng.normal(size=(32, 1))).astype("float32"),
+        "b": (x[:, 1:2] - x[:, 2:3] + 0.1 * rng.normal(size=(32, 1))).astype("float32"),
+        "c": (np.abs(x[:, 3:4]) + 0.1 * rng.normal(size=(32, 1))).astype("float32"),
+    }
+    return x, y
+
+
+def tiny_model(tasks=("a", "b", "c"), seed=0):
+    keras.utils.set_random_seed(seed)
+    from keras_dbmtl import MultiTaskModel
+
+    encoder = keras.Sequential([keras.layers.Dense(8, activation="relu")])
+    return MultiTaskModel(encoder=encoder, heads={t: keras.layers.Dense(1) for t in tasks})
