@@ -5,21 +5,10 @@
 """
 
 import argparse
-import json
 import os
 import sys
 
-
-def _kv(text):
-    """'beta=0.5,beta_sigma=0.5' -> {'beta': 0.5, 'beta_sigma': 0.5} (values parsed as JSON when possible)."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        key, _, value = item.partition("=")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+from applications.common import parse_balancer_args
 
 
 def parse_args(argv=None):
@@ -91,7 +80,7 @@ def main(argv=None):
     summary = train.run(
         args.data_root, dataset=args.dataset, balancer=args.balancer, stl=args.stl,
         stl_results=args.stl_results, out_dir=args.out, tag=args.tag,
-        balancer_args=_kv(args.balancer_args) or None,
+        balancer_args=parse_balancer_args(args.balancer_args) or None,
         domains=tuple(args.domains.split(",")) if args.domains else None,
         epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
         max_samples=args.max_samples, steps_per_epoch=args.steps_per_epoch, backbone=args.backbone,

@@ -9,6 +9,8 @@ BatchNorm statistics and dropout masks are per domain batch, as in LibMTL's mult
 
 import keras
 
+from applications import common
+
 # keras_hub.models.ResNetBackbone arguments (ResNet v1, basic blocks; "resnet18" is the
 # config of keras_hub's resnet_18_imagenet preset, built here without any download).
 BACKBONES = {
@@ -109,13 +111,6 @@ def shared_classifier(model):
 
 
 def add_weight_decay(layers, weight_decay):
-    """PyTorch-style (coupled) weight decay: an L2 penalty ``weight_decay / 2 * ||w||^2`` on every
-    trainable variable of ``layers`` (its gradient is ``weight_decay * w``, what torch.optim.Adam's
-    ``weight_decay`` adds to the gradient). MultiTaskModel adds such penalties to the update once,
-    outside the balancing, as LibMTL's optimizer does."""
-    if not weight_decay:
-        return
-    reg = keras.regularizers.L2(weight_decay / 2.0)
-    for layer in layers:
-        for v in layer.trainable_variables:
-            v.regularizer = reg
+    """PyTorch-style coupled weight decay on every trainable variable of ``layers``
+    (``applications.common.add_weight_decay``)."""
+    common.add_weight_decay([v for layer in layers for v in layer.trainable_variables], weight_decay)

@@ -10,15 +10,15 @@ trained, against the STL row published in the paper's Table 4.
 """
 
 import json
-import os
 import time
 
 import keras
 import numpy as np
 
-from keras_dbmtl import metrics
+from keras_dbmtl import balancers, metrics
 from keras_dbmtl.metrics import ClassificationAccuracy
 
+from applications.common import write_results
 from applications.office import data as office_data
 from applications.office import model as office_model
 
@@ -93,15 +93,6 @@ class DomainEvaluator(keras.callbacks.Callback):
         return max(self.records, key=improvement)  # first maximum, like LibMTL's strict ">"
 
 
-def make_balancer(name, args=None):
-    """A balancer instance from its registered name and keyword arguments."""
-    from keras_dbmtl import balancers
-
-    if not args:
-        return name
-    return type(balancers.get(name))(**args)
-
-
 def train_office(data_root, dataset="office31", balancer="ew", balancer_args=None, domains=None,
                  epochs=100, batch_size=64, image_size=224, max_samples=None, backbone="resnet18",
                  weights=None, hidden_dim=512, dropout=0.5, learning_rate=1e-4, weight_decay=1e-5,
@@ -132,7 +123,7 @@ def train_office(data_root, dataset="office31", balancer="ew", balancer_args=Non
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss={d: keras.losses.SparseCategoricalCrossentropy(from_logits=True) for d in domains},
         metrics={d: [ClassificationAccuracy()] for d in domains},
-        balancer=make_balancer(balancer, balancer_args))
+        balancer=balancers.get(balancer, **(balancer_args or {})))
     evaluator = DomainEvaluator(val_sets, test_sets, every=eval_every)
     t0 = time.time()
     history = model.fit(train, epochs=epochs, callbacks=[evaluator, *(callbacks or [])],
@@ -221,10 +212,6 @@ def run(data_root, dataset="office31", balancer="dbmtl", stl=False, stl_results=
             f"Δp against STL: {stl_source}.\n")
     summary["markdown"] = md
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"{tag}.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1, default=str)
-        with open(os.path.join(out_dir, f"{tag}.md"), "w", encoding="utf-8") as f:
-            f.write(md)
+        write_results(out_dir, tag, summary, md)
     summary["model"] = mtl["model"]
     return summary

@@ -4,21 +4,10 @@ Nothing here imports Keras before `--backend` has set `KERAS_BACKEND`.
 """
 
 import argparse
-import json
 import os
 import sys
 
-
-def parse_balancer_args(text):
-    """'beta=0.5,beta_sigma=0.5' -> {'beta': 0.5, 'beta_sigma': 0.5} (values read as JSON when they parse)."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        key, _, value = item.partition("=")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+from applications.common import parse_balancer_args
 
 
 def build_parser(preset):

@@ -22,7 +22,6 @@ assert tuple(outputs["depth"].shape) == (2, 32, 32, 1)
 ```
 """
 
-import keras
 
 import keras_dbmtl
 from applications.scene.backbones import build_backbone

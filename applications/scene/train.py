@@ -18,7 +18,6 @@ Protocol (the paper's Section 4.1, LibMTL's `examples/nyu` and `examples/citysca
 """
 
 import json
-import os
 import time
 
 import keras
@@ -28,6 +27,7 @@ import keras_dbmtl
 from keras_dbmtl import losses as mtl_losses
 from keras_dbmtl import metrics as mtl_metrics
 
+from applications.common import add_weight_decay, write_results
 from applications.scene.data import SceneDataset, make_tf_dataset
 from applications.scene.models import SIZE_MULTIPLE, build_scene_model
 
@@ -68,23 +68,6 @@ def task_metrics(tasks):
 def metric_keys(tasks):
     """{task: [log keys]} of the table metrics, e.g. {"depth": ["depth_abs_err", "depth_rel_err"]}."""
     return {task: [f"{task}_{suffix}" for suffix, _ in COLUMNS[task]] for task in tasks}
-
-
-def add_weight_decay(model, weight_decay):
-    """PyTorch-style coupled weight decay: an L2 penalty `weight_decay / 2 * ||w||^2` on every trainable variable
-    (gradient `weight_decay * w`, what `torch.optim.Adam(weight_decay=...)` adds). MultiTaskModel adds it to the
-    update once, outside the balancing, as LibMTL's optimizer does."""
-    if weight_decay:
-        penalty = keras.regularizers.L2(weight_decay / 2.0)
-        for variable in model.trainable_variables:
-            variable.regularizer = penalty
-
-
-def make_balancer(name, arguments=None):
-    """A registered balancer, with constructor arguments if any."""
-    if not arguments:
-        return name
-    return type(keras_dbmtl.balancers.get(name))(**arguments)
 
 
 def select_epoch(history, tasks, select="best"):
@@ -150,11 +133,11 @@ def train_scene(data_root, tasks, arch="hps", balancer="ew", balancer_args=None,
     model = build_scene_model(tasks, arch=arch, backbone=backbone, weights=weights, head_channels=head_channels,
                               segnet_width=segnet_width, output_stride=output_stride)
     model.build((None, height, width, 3))
-    add_weight_decay(model, weight_decay)
+    add_weight_decay(model.trainable_variables, weight_decay)
     decay_step = max(int(lr_decay_epoch), 0) * steps_per_epoch
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay([decay_step], [learning_rate, learning_rate / 2])
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=schedule), loss=task_losses(tasks),
-                  metrics=task_metrics(tasks), balancer=make_balancer(balancer, balancer_args))
+                  metrics=task_metrics(tasks), balancer=keras_dbmtl.balancers.get(balancer, **(balancer_args or {})))
     every = max(int(eval_every), 1)
     started = time.time()
     history = model.fit(train, epochs=epochs, validation_data=test, validation_freq=every,
@@ -269,10 +252,6 @@ def run(preset, data_root, balancer="dbmtl", stl=False, stl_results=None, out_di
                 + (f"; Δp against STL {stl_source}.\n" if stl_source else "; no STL baseline.\n"))
     summary["markdown"] = markdown
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"{tag}.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=1, default=str)
-        with open(os.path.join(out_dir, f"{tag}.md"), "w", encoding="utf-8") as handle:
-            handle.write(markdown)
+        write_results(out_dir, tag, summary, markdown)
     summary["model"] = mtl["model"]
     return summary

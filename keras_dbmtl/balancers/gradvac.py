@@ -19,6 +19,7 @@ targets are updated for every visited pair, as in Algorithm 1. Whole-model granu
 import keras
 from keras import ops
 
+from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers.base import Aggregation, Balancer
 from keras_dbmtl.balancers.registry import register
 
@@ -58,7 +59,7 @@ class GradVac(Balancer):
         tasks = ops.arange(num)
         for k in range(num):
             other = order[:, k]
-            pick = ops.one_hot(other, num, dtype="float32")
+            pick = solvers.one_hot(other, num, "float32")
             visited = ops.not_equal(other, tasks)
             products = ops.matmul(coefficients, gramian)
             inner = ops.sum(products * pick, axis=1)                               # g_i' . g_j

@@ -15,6 +15,7 @@ balancer's `SeedGenerator`. Heads receive their own task's gradient.
 import keras
 from keras import ops
 
+from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers.base import Aggregation, Balancer
 from keras_dbmtl.balancers.registry import register
 
@@ -27,7 +28,7 @@ def pcgrad_coefficients(gramian, order, eps=1e-12):
     tasks = ops.arange(num)
     for k in range(num):
         other = order[:, k]                                                       # j for every i at once
-        pick = ops.one_hot(other, num, dtype=gramian.dtype)                       # E_ij = [j == order[i, k]]
+        pick = solvers.one_hot(other, num, gramian.dtype)                       # E_ij = [j == order[i, k]]
         inner = ops.sum(ops.matmul(coefficients, gramian) * pick, axis=1)         # g_i^PC . g_j
         conflict = ops.logical_and(inner < 0.0, ops.not_equal(other, tasks))
         norm_j = ops.sum(pick * squared_norms[None, :], axis=1)                   # ||g_j||^2

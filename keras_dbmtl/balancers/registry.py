@@ -24,12 +24,17 @@ def names():
     return sorted(_REGISTRY)
 
 
-def get(identifier):
-    """A balancer from a registered name, a config dict, or a balancer instance (returned as is)."""
+def get(identifier, **kwargs):
+    """A balancer from a registered name, a config dict, or a balancer instance (returned as is).
+
+    Keyword arguments go to the constructor of a named balancer: `get("dbmtl", beta=0.5, beta_sigma=0.5)`.
+    """
     from keras_dbmtl.balancers.base import Balancer
 
     if identifier is None:
         identifier = "ew"
+    if kwargs and not isinstance(identifier, str):
+        raise ValueError(f"Constructor arguments {sorted(kwargs)} need a balancer name, got {identifier!r}.")
     if isinstance(identifier, Balancer):
         return identifier
     if isinstance(identifier, dict):
@@ -41,7 +46,7 @@ def get(identifier):
                 f"Unknown balancer {identifier!r}. Registered balancers: {', '.join(names())}. "
                 "Pass one of these names or a keras_dbmtl.balancers.Balancer instance."
             )
-        return _REGISTRY[key]()
+        return _REGISTRY[key](**kwargs)
     raise ValueError(
         f"Cannot interpret {identifier!r} as a balancer: pass a registered name "
         f"({', '.join(names())}) or a keras_dbmtl.balancers.Balancer instance."

@@ -33,6 +33,12 @@ CAGRAD_ITERATIONS = 200
 NEWTON_ITERATIONS = 30
 
 
+def one_hot(indices, num, dtype):
+    """`ops.one_hot` by comparison: torch's one_hot reads its indices back to the host (a device sync per call,
+    measured in `benchmarks/`), a comparison with `arange` does not."""
+    return ops.cast(ops.expand_dims(indices, -1) == ops.arange(num, dtype=indices.dtype), dtype)
+
+
 def _solve(system, rhs, ridge=1e-6, refinements=2):
     """system^-1 rhs for the active-set steps (systems scaled to lambda_max <= 1), by LU on system + ridge I with
     two steps of iterative refinement against the unregularised system: exact to float32 for every non-singular
@@ -121,7 +127,7 @@ def _simplex_active_set(gramian, linear, phi, weights, steps=None):
         support = w > 0.0
         reduced = ops.where(support, float("inf"), gradient - ops.sum(w * gradient))
         add = ops.logical_and(at_optimum, ops.min(reduced) < 0.0)
-        entering = ops.one_hot(ops.argmin(reduced), num, dtype=gramian.dtype)
+        entering = one_hot(ops.argmin(reduced), num, gramian.dtype)
         mask = ops.maximum(ops.cast(support, gramian.dtype), ops.where(add, entering, 0.0))
         system = gramian * mask[:, None] * mask[None, :] + eye * (1.0 - mask)[None, :]
         solved = _solve(system, ops.stack([mask, linear * mask], axis=1))
@@ -179,7 +185,7 @@ def _box_active_set(gramian, lower, values, steps=None):
         free = v > lower
         reduced = ops.where(free, float("inf"), gradient)
         add = ops.logical_and(at_optimum, ops.min(reduced, axis=-1) < 0.0)
-        entering = ops.one_hot(ops.argmin(reduced, axis=-1), num, dtype=gramian.dtype)
+        entering = one_hot(ops.argmin(reduced, axis=-1), num, gramian.dtype)
         mask = ops.maximum(ops.cast(free, gramian.dtype), ops.where(add[:, None], entering, 0.0))
         fixed = (1.0 - mask) * lower
         systems = gramian[None] * mask[:, :, None] * mask[:, None, :] + eye[None] * (1.0 - mask)[:, None, :]

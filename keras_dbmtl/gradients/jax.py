@@ -12,7 +12,7 @@ from keras.src.backend.common.stateless_scope import StatelessScope, get_statele
 
 from keras_dbmtl.gradients import TaskGradients
 
-DEFAULT_VECTORIZE = True
+DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every model measured (benchmarks/RESULTS.md)
 
 
 def _functional(forward, variables):

@@ -54,3 +54,10 @@ def test_log_transform_composes(name):
     balancer = cls(loss_transform="log")
     assert balancer.loss_transform == "log"
     assert cls.from_config(balancer.get_config()).loss_transform == "log"
+
+
+def test_get_passes_constructor_arguments():
+    balancer = balancers.get("dbmtl", beta=0.5, beta_sigma=0.5)
+    assert (balancer.beta, balancer.beta_sigma) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="need a balancer name"):
+        balancers.get(balancers.EW(), beta=0.5)

@@ -1,0 +1,72 @@
+"""A few QM9 training epochs with keras_dbmtl.MultiTaskModel on the current backend (EW and DB-MTL)."""
+
+import math
+
+import numpy as np
+import pytest
+
+import keras
+
+pytest.importorskip("rdkit")
+pytest.importorskip("spektral")
+pytest.importorskip("matplotlib")
+
+from applications.qm9 import data  # noqa: E402
+from applications.qm9 import train  # noqa: E402
+
+from tests.applications.qm9.qm9_fixtures import write_synthetic_qm9  # noqa: E402
+
+TASKS = ["mu", "alpha", "u0"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qm9")
+    (root / "csv").mkdir()
+    write_synthetic_qm9(root / "csv", 28, seed=1)
+    return data.load_qm9(cache_dir=str(root / "cache"), data_dir=str(root / "csv"), n_test=6, n_val=6,
+                         progress=False)
+
+
+CFG = dict(dim=8, edge_hidden=16, out_dim=8, set2set_steps=2, steps=2, edges="complete", batch_size=8,
+           epochs=10, lr=1e-2, lr_factor=0.7, lr_patience=5, min_lr=1e-5)
+
+
+@pytest.mark.parametrize("balancer", ["ew", "dbmtl"])
+def test_training_epochs_lower_the_loss(tiny, balancer):
+    model, hist, test_mae, info = train.fit_one(tiny, CFG, TASKS, balancer, seed=0,
+                                                val_baselines={t: 1.0 for t in TASKS})
+    assert info["steps_per_epoch"] == 2  # 16 training molecules, batch 8
+    losses = hist["loss"]
+    print(balancer, "losses", [round(v, 3) for v in losses])
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert len(hist["val_delta_p"]) == CFG["epochs"]
+    assert set(test_mae) == set(TASKS) and all(v > 0 and math.isfinite(v) for v in test_mae.values())
+    if balancer == "dbmtl":  # DB-MTL logs its real task weights (max-norm scaling: the largest is >= 1)
+        weights = [hist[f"{t}_weight"][-1] for t in TASKS]
+        assert min(weights) >= 1.0 - 1e-5 and max(weights) > 1.0
+    # test MAE in the paper's units (U0 in meV) equals the one computed here from the predictions
+    # (6 test molecules in a padded batch of 8: padding graphs must not count)
+    x, y = data.collate(list(tiny.test), 8, "complete")
+    n = len(tiny.test)
+    preds = [keras.ops.convert_to_numpy(model(x, training=False)["u0"])[:n, 0]]
+    trues = [y["u0"][:n, 0]]
+    k = data.TARGETS.index("u0")
+    mae_mev = np.mean(np.abs(np.concatenate(preds) - np.concatenate(trues))) * tiny.std[k] * 1000.0
+    assert test_mae["u0"] == pytest.approx(mae_mev, rel=1e-4)
+
+
+def test_stl_model_monitors_its_validation_mae(tiny):
+    cfg = dict(CFG, epochs=3)
+    model, hist, test_mae, info = train.fit_one(tiny, cfg, ["mu"], "ew", seed=0, val_baselines=None)
+    assert info["monitor"] == "val_mu_mae"
+    assert info["best_monitor"] == pytest.approx(min(hist["val_mu_mae"]))
+    assert info["best_epoch"] == int(np.argmin(hist["val_mu_mae"])) + 1
+    # the kept weights are the best epoch's: evaluating them on the validation set gives that MAE
+    val = data.GraphLoader(tiny.val, batch_size=8, tasks=["mu"])
+    if keras.backend.backend() == "tensorflow":
+        val = val.as_tf_dataset()
+    res = model.evaluate(val, return_dict=True, verbose=0)
+    assert res["mu_mae"] == pytest.approx(info["best_monitor"], rel=1e-4)
+    assert set(test_mae) == {"mu"}
