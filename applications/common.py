@@ -5,11 +5,28 @@ from applications.common import parse_balancer_args, add_weight_decay, write_res
 parse_balancer_args("beta=0.5,scaling=mean")        # {'beta': 0.5, 'scaling': 'mean'}
 ```
 
+The loaders of every application raise `DataError` (a `ValueError`) for bad input files, and `MissingDataError`
+(also a `FileNotFoundError`) for absent ones: a missing file, a truncated or undecodable file, an array of the
+wrong shape, a cache written by another version. The message names the file and says what to do; a loader
+never returns a batch built from such a file.
+
 Nothing here imports Keras at module level, so that a command line can still choose the backend.
 """
 
 import json
 import os
+
+
+class DataError(ValueError):
+    """A dataset file is unusable (truncated, corrupt, wrong shape or type, written by another version).
+
+    The message names the file and says how to fix it. Subclass of `ValueError`, so code that caught the
+    loaders' former `ValueError`s still does.
+    """
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A dataset file or folder the loader needs does not exist (both a `DataError` and a `FileNotFoundError`)."""
 
 
 def parse_balancer_args(text):

@@ -9,6 +9,7 @@ model.compile(optimizer="adam", loss={"seg": ..., "depth": ...}, balancer="dbmtl
 
 from keras_dbmtl import balancers
 from keras_dbmtl import callbacks
+from keras_dbmtl import distributed
 from keras_dbmtl import gradients
 from keras_dbmtl import losses
 from keras_dbmtl import metrics
@@ -16,4 +17,4 @@ from keras_dbmtl.model import MultiTaskModel
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiTaskModel", "balancers", "callbacks", "gradients", "losses", "metrics", "__version__"]
+__all__ = ["MultiTaskModel", "balancers", "callbacks", "distributed", "gradients", "losses", "metrics", "__version__"]

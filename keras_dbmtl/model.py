@@ -18,6 +18,7 @@ One training step, written once with `keras.ops` for every backend:
 """
 
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -30,41 +31,85 @@ from keras_dbmtl import gradients as gradient_backends
 from keras_dbmtl.balancers import base as balancer_base
 from keras_dbmtl.balancers import registry
 
-INVALID_LOSSES_KEY = "_invalid_task_losses"
+SKIPPED_STEPS_KEY = "skipped_steps"
 
 
 def _is_dict(value):
     return isinstance(value, dict) or (hasattr(value, "keys") and hasattr(value, "items"))
 
 
-class _LossGuard(keras.callbacks.Callback):
-    """Raises a clear error on the first step whose task loss cannot be used, and hides the internal log key."""
+def _unique(variables):
+    seen, result = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            result.append(v)
+    return result
+
+
+def _update_loss_scale(optimizer, finite):
+    """A LossScaleOptimizer's own rule, without branches: halve the scale on a skipped step, double it after
+    `dynamic_growth_steps` applied steps in a row."""
+    counter, scale = optimizer.step_counter.value, optimizer.dynamic_scale.value
+    grow = ops.logical_and(finite, ops.equal(counter, optimizer.dynamic_growth_steps - 1))
+    new_scale = ops.where(finite, ops.where(grow, scale * 2.0, scale), scale * 0.5)
+    new_counter = ops.where(ops.logical_and(finite, ops.logical_not(grow)), counter + 1, 0)
+    optimizer.dynamic_scale.assign(ops.cast(new_scale, optimizer.dynamic_scale.dtype))
+    optimizer.step_counter.assign(ops.cast(new_counter, optimizer.step_counter.dtype))
+
+
+class _SkipReport(keras.callbacks.Callback):
+    """Warns, naming the tasks, when a training step was skipped for an unusable task loss or gradient.
+
+    The train step itself skipped the update; this callback only reports it, and logs `loss = nan` for an epoch
+    in which every step was skipped (there is no training loss to report).
+    """
+
+    MAX_WARNINGS = 5
 
     def __init__(self, model_ref):
         super().__init__()
         self._model_ref = model_ref
+        self._count = 0.0
+        self._steps = 0
+        self._warned = 0
 
-    def _check(self, logs):
-        if not logs or INVALID_LOSSES_KEY not in logs:
-            return
-        flags = keras.ops.convert_to_numpy(logs.pop(INVALID_LOSSES_KEY)).reshape(-1)
-        bad = [name for name, flag in zip(self._model_ref.task_names, flags) if flag > 0]
-        if bad:
-            transform = self._model_ref.balancer.loss_transform
-            need = "positive and finite (the log transform takes log(loss + eps))" if transform == "log" else "finite"
-            raise ValueError(
-                f"The loss of task(s) {', '.join(repr(b) for b in bad)} is not usable: every task loss must be "
-                f"{need}. The update of this step was not applied. Check the targets and the loss function of "
-                f"{', '.join(repr(b) for b in bad)} (a loss that can be zero or negative, such as a negative "
-                "log-likelihood or a cosine similarity, needs an offset, or compile with a balancer whose "
-                "loss_transform=None)."
-            )
+    def on_epoch_begin(self, epoch, logs=None):
+        self._count, self._steps = 0.0, 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._check(logs)
+        self._steps = batch + 1               # the last step of this execution (steps_per_execution may be > 1)
+        if not logs or logs.get(SKIPPED_STEPS_KEY) is None:
+            return
+        count, previous = float(logs[SKIPPED_STEPS_KEY]), self._count
+        self._count = count
+        if count <= previous or self._warned >= self.MAX_WARNINGS:
+            return
+        self._warned += 1
+        model = self._model_ref
+        bad = [t for t in model.task_names if not math.isfinite(float(logs.get(f"{t}_loss", 0.0)))]
+        if bad:
+            transform = model.balancer.loss_transform
+            need = "positive and finite (the log transform takes log(loss + eps))" if transform == "log" else "finite"
+            what = f"the loss of task(s) {', '.join(repr(b) for b in bad)} is not {need}"
+        elif isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+            what = "a scaled task gradient overflowed (the LossScaleOptimizer halved its scale)"
+        else:
+            what = "a task gradient was not finite"
+        warnings.warn(
+            f"Batch {batch}: {what}. The step was skipped for every variable (weights, optimizer and balancer "
+            f"state untouched); logged as '{SKIPPED_STEPS_KEY}'. If it keeps happening, check the targets and "
+            "loss functions of these tasks (a loss that can be zero or negative, such as a negative "
+            "log-likelihood, needs an offset under the log transform, or compile with a balancer whose "
+            "loss_transform=None), lower the learning rate, or add keras.callbacks.TerminateOnNaN() to stop at "
+            "the first skipped step.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def on_epoch_end(self, epoch, logs=None):
-        self._check(logs)
+        if logs and self._steps and logs.get(SKIPPED_STEPS_KEY, 0.0) >= self._steps:
+            logs["loss"] = float("nan")
 
 
 @keras.saving.register_keras_serializable(package="keras_dbmtl")
@@ -237,6 +282,7 @@ class MultiTaskModel(keras.Model):
                 kind: [keras.metrics.Mean(name=f"{task}_{kind}") for task in self.task_names]
                 for kind in ("loss", "weight", "gradient_norm")
             }
+            self._skip_tracker = keras.metrics.Sum(name=SKIPPED_STEPS_KEY)
             self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
                 optimizer=optimizer,
                 loss=loss,
@@ -293,7 +339,7 @@ class MultiTaskModel(keras.Model):
         result = super().metrics
         trackers = getattr(self, "_task_trackers", None)
         if trackers and self.balancer is not None:
-            result = result + trackers["loss"] + trackers["weight"]
+            result = result + trackers["loss"] + trackers["weight"] + [self._skip_tracker]
             if self.balancer.needs != "losses":
                 result = result + trackers["gradient_norm"]
         return result
@@ -347,75 +393,202 @@ class MultiTaskModel(keras.Model):
         if not self.built or (self.balancer is not None and not self.balancer.built):
             self._symbolic_build(data_batch=data)
 
+    def _forward_state_variables(self):
+        """Variables the forward pass itself may change (batch-norm statistics, seed generators, the state of a
+        loss-level balancer, whose `combine_losses` runs in the forward pass): small, copied before it."""
+        balancer = self.balancer
+        balancer_ids = {id(v) for v in balancer.variables}
+        result = [v for v in self.non_trainable_variables if id(v) not in balancer_ids]
+        if balancer.needs == "losses":
+            result += list(balancer.non_trainable_variables)
+        return _unique(result)
+
+    def _guarded_variables(self, inner_optimizer):
+        """Every variable a training step may change: weights, batch-norm statistics, seed generators, balancer
+        and optimizer state (iteration counter included), compiled metrics. Left out: the step's own trackers
+        (updated with a mask), and a LossScaleOptimizer's own scale and counter (they must still shrink on an
+        overflow)."""
+        metrics = list(self._compile_metrics.variables) if self._compile_metrics is not None else []
+        return _unique(list(self.variables) + list(inner_optimizer.variables) + metrics)
+
     def _balanced_train_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         self._check_targets(y)
         self._ensure_built(data)
         balancer = self.balancer
         num_tasks = len(self.task_names)
+        optimizer = self.optimizer
+        if not optimizer.built:
+            optimizer.build(self.trainable_variables)
+        loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        inner_optimizer = optimizer.inner_optimizer if loss_scaled else optimizer
+        scale = ops.cast(optimizer.dynamic_scale, "float32") if loss_scaled else None
+        # A step whose task loss or gradient is not usable is skipped for every variable. TensorFlow: the update
+        # runs under `ops.cond` (tf.cond), and only what the forward pass changes before the check (small:
+        # batch-norm statistics, seeds) is copied. JAX: the step is a function of the state, so the previous values
+        # cost nothing and a select at the end keeps them (fused by XLA). torch: the same select on copies made
+        # before the step, because a branch on the flag would be a host round trip (a device sync) in every step.
+        # Under tf.distribute (several replicas) the optimizer's cross-replica step cannot run inside tf.cond
+        # (`merge_call` in control flow): the select path is used there too.
+        functional = keras.backend.backend() != "tensorflow" or gradient_backends.num_replicas() > 1
+        if functional:
+            guarded = self._guarded_variables(inner_optimizer)
+            previous = gradient_backends.snapshot(guarded)
+        else:
+            guarded = self._forward_state_variables()
+            previous = [ops.copy(v.value) for v in guarded]
 
-        def forward():
+        def forward(scaled=True):
             y_pred = self(x, training=True)
-            raw_losses = self._task_losses(y, y_pred, sample_weight)
-            transformed = balancer.transform_losses(raw_losses)
+            # float32 under any policy; on several replicas the global batch's values (keras_dbmtl.gradients)
+            raw_losses = gradient_backends.global_losses(self._task_losses(y, y_pred, sample_weight))
+            transformed = balancer.transform_losses(raw_losses)                      # so is the log transform
             regularization = self._regularization_loss()
-            return transformed, regularization, (raw_losses, y_pred, regularization)
+            aux = (raw_losses, y_pred, regularization)
+            if loss_scaled and scaled:
+                # mixed_float16: differentiate the scaled losses; the gradients are unscaled before the balancer.
+                transformed = transformed * scale
+                if not isinstance(regularization, float):
+                    regularization = regularization * scale
+            return transformed, regularization, aux
+
+        def unscale(g):
+            return g if g is None or not loss_scaled else ops.cast(g, "float32") / scale
 
         shared = self.shared_variables()
         task_groups = [self.task_variables()[t] for t in self.task_names]
         extra = list(balancer.trainable_variables)
+        variables = shared + [v for group in task_groups for v in group] + extra
         if balancer.needs == "losses":
             def scalar_forward():
-                transformed, regularization, aux = forward()
+                transformed, regularization, aux = forward(scaled=False)
                 combined, weights = balancer.combine_losses(transformed)
-                return combined + regularization, (aux, weights)
+                combined = combined + regularization
+                return (combined * scale if loss_scaled else combined), (aux, weights)
 
-            variables = shared + [v for group in task_groups for v in group] + extra
             ((raw_losses, y_pred, regularization), task_weights), grads = gradient_backends.loss_gradients(
                 scalar_forward, variables
             )
-            gradient_norms = None
+            grads = [unscale(g) for g in grads]
+            checked = grads
+            result = None
         else:
             result = gradient_backends.task_gradients(forward, shared, task_groups, extra, self._vectorize)
             raw_losses, y_pred, regularization = result.aux
-            jacobian = balancer_base.TaskJacobian(result.shared_blocks, num_tasks)
-            aggregation = balancer.aggregate(result.task_losses, jacobian)
-            task_weights = aggregation.task_weights
-            if aggregation.shared_direction is None:
-                shared_grads = jacobian.weighted_sum_blocks(task_weights)
-            else:
-                shared_grads = self._split_flat(aggregation.shared_direction, shared)
-            task_grads = []
-            for t, group_grads in enumerate(result.task_gradients):
-                if aggregation.head_weights is not None:
-                    group_grads = [g * aggregation.head_weights[t] for g in group_grads]
-                task_grads.extend(group_grads)
-            grads = list(shared_grads) + task_grads + list(result.extra_gradients)
-            grads = [
-                g if r is None else g + r for g, r in zip(grads, result.regularization_gradients)
+            blocks = [unscale(b) for b in result.shared_blocks]
+            own_grads = [[unscale(g) for g in group] for group in result.task_gradients]
+            extra_grads = [unscale(g) for g in result.extra_gradients]
+            regularization_grads = [unscale(g) for g in result.regularization_gradients]
+            checked = blocks + [g for group in own_grads for g in group] + extra_grads + [
+                g for g in regularization_grads if g is not None
             ]
-            variables = shared + [v for group in task_groups for v in group] + extra
-            gradient_norms = jacobian.norms()
+            transformed_losses = result.task_losses / scale if loss_scaled else result.task_losses
+            jacobian = balancer_base.TaskJacobian(blocks, num_tasks)
 
         invalid = ops.logical_not(ops.isfinite(raw_losses))
         if balancer.loss_transform == "log":
             invalid = ops.logical_or(invalid, raw_losses <= 0.0)
-        usable = ops.logical_not(ops.any(invalid))
-        grads = [ops.where(usable, g, ops.zeros_like(g)) for g in grads]
-        self.optimizer.apply(grads, variables)
-        if balancer.needs_losses_after_update:                # FAMO: the same batch again, after the update
-            losses_after = self._task_losses(y, self(x, training=True), sample_weight)
-            balancer.update_after_step(ops.stop_gradient(raw_losses), ops.stop_gradient(losses_after))
+        finite = ops.logical_not(ops.any(invalid))
+        if checked:
+            # One reduction per tensor: a NaN or inf entry makes its sum non-finite (a sum of finite gradients
+            # that overflows float32 counts as non-finite too: such a step is not usable either).
+            sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in checked])
+            finite = ops.logical_and(finite, ops.all(ops.isfinite(sums)))
 
-        self._loss_tracker.update_state(ops.sum(raw_losses) + regularization)
-        for t in range(num_tasks):
-            self._task_trackers["loss"][t].update_state(raw_losses[t])
-            self._task_trackers["weight"][t].update_state(task_weights[t])
+        def apply_step(sanitize):
+            if result is None:
+                step_grads, weights = grads, task_weights
+            else:
+                step_blocks, step_losses = blocks, transformed_losses
+                if sanitize:
+                    # JAX runs this on a skipped step too (the result is discarded): keep NaN out of the solvers.
+                    step_blocks = [ops.where(finite, b, ops.zeros_like(b)) for b in blocks]
+                    step_losses = ops.where(finite, transformed_losses, ops.zeros_like(transformed_losses))
+                step_jacobian = balancer_base.TaskJacobian(step_blocks, num_tasks)
+                aggregation = balancer.aggregate(step_losses, step_jacobian)
+                weights = aggregation.task_weights
+                if aggregation.shared_direction is None:
+                    shared_grads = step_jacobian.weighted_sum_blocks(weights)
+                else:
+                    shared_grads = self._split_flat(aggregation.shared_direction, shared)
+                task_grads = []
+                for t, group_grads in enumerate(own_grads):
+                    if aggregation.head_weights is not None:
+                        group_grads = [g * aggregation.head_weights[t] for g in group_grads]
+                    task_grads.extend(group_grads)
+                step_grads = list(shared_grads) + task_grads + extra_grads
+                step_grads = [g if r is None else g + r for g, r in zip(step_grads, regularization_grads)]
+            if keras.backend.backend() == "tensorflow":
+                # Inside tf.cond the optimizer's all-reduce needs tensors of the branch's own graph.
+                step_grads = [ops.copy(g) for g in step_grads]
+            inner_optimizer.apply(gradient_backends.optimizer_gradients(step_grads), variables)
+            if balancer.needs_losses_after_update:            # FAMO: the same batch again, after the update
+                losses_after = gradient_backends.global_losses(
+                    self._task_losses(y, self(x, training=True), sample_weight))
+                balancer.update_after_step(ops.stop_gradient(raw_losses), ops.stop_gradient(losses_after))
+            return ops.cast(weights, "float32")
+
+        jacobian_norms = None if result is None else jacobian.norms
+
+        def applied_step(sanitize, mask=None):
+            weights = apply_step(sanitize)
+            self._update_step_metrics(y, y_pred, sample_weight, raw_losses, regularization, weights, jacobian_norms,
+                                      mask)
+            return None if mask is not None else dict(self.get_metrics_result())
+
+        def skipped_step():
+            for v, old in zip(guarded, previous):
+                v.assign(old)
+            self._skip_tracker.update_state(1.0)
+            return self._step_logs(finite, invalid, loss_scaled)
+
+        if functional:
+            applied_step(sanitize=True, mask=finite)
+            gradient_backends.keep_where(finite, guarded, previous)
+            self._skip_tracker.update_state(1.0 - ops.cast(finite, "float32"))
+            logs = self._step_logs(finite, invalid, loss_scaled)
+        else:
+            logs = ops.cond(finite, lambda: applied_step(sanitize=False), skipped_step)
+        if loss_scaled:
+            _update_loss_scale(optimizer, finite)
+        return logs
+
+    def _update_step_metrics(self, y, y_pred, sample_weight, raw_losses, regularization, task_weights, norms,
+                             mask=None):
+        if mask is None:
+            def update(tracker, value):
+                tracker.update_state(value)
+        else:
+            applied = ops.cast(mask, "float32")
+
+            def update(tracker, value):                      # a Mean that counts the step only where `mask`
+                tracker.total.assign_add(ops.where(mask, ops.cast(value, tracker.total.dtype), 0.0))
+                tracker.count.assign_add(ops.cast(applied, tracker.count.dtype))
+
+        update(self._loss_tracker, ops.sum(raw_losses) + regularization)
+        gradient_norms = None if norms is None else norms()
+        for t in range(len(self.task_names)):
+            update(self._task_trackers["loss"][t], raw_losses[t])
+            update(self._task_trackers["weight"][t], task_weights[t])
             if gradient_norms is not None:
-                self._task_trackers["gradient_norm"][t].update_state(gradient_norms[t])
-        logs = self.compute_metrics(x, y, y_pred, sample_weight)
-        logs = dict(logs)
-        logs[INVALID_LOSSES_KEY] = ops.cast(invalid, "float32")
+                update(self._task_trackers["gradient_norm"][t], gradient_norms[t])
+        if self._compile_metrics is not None:
+            self._compile_metrics.update_state(y, y_pred, sample_weight)
+
+    def _step_logs(self, finite, invalid, loss_scaled):
+        """The metrics' results. A skipped batch logs a NaN loss, so that TerminateOnNaN stops on it (except a
+        LossScaleOptimizer's overflow with finite losses: its normal scale adjustment), and NaN for each task at
+        fault; the epoch means count the applied steps only."""
+        logs = dict(self.get_metrics_result())
+        nan = ops.convert_to_tensor(float("nan"), "float32")
+        nan_loss = ops.logical_not(finite)
+        if loss_scaled:
+            nan_loss = ops.logical_and(nan_loss, ops.any(invalid))
+        logs["loss"] = ops.where(nan_loss, nan, logs["loss"])
+        for t, task in enumerate(self.task_names):
+            key = f"{task}_loss"
+            if key in logs:
+                logs[key] = ops.where(invalid[t], nan, logs[key])
         return logs
 
     def _split_flat(self, flat, variables):
@@ -440,6 +613,7 @@ class MultiTaskModel(keras.Model):
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
         # Task weights and gradient norms exist only in training.
         training_only = {m.name for kind in ("weight", "gradient_norm") for m in self._task_trackers[kind]}
+        training_only.add(SKIPPED_STEPS_KEY)
         return {key: value for key, value in logs.items() if key not in training_only}
 
     def _run_stateless(self, step, state, data, groups):
@@ -476,7 +650,7 @@ class MultiTaskModel(keras.Model):
 
     def fit(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])
-        callbacks.insert(0, _LossGuard(self))
+        callbacks.insert(0, _SkipReport(self))
         callbacks.insert(1, _BalancerEpochHook(self))
         return super().fit(*args, callbacks=callbacks, **kwargs)
 

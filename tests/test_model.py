@@ -173,6 +173,8 @@ def test_history_keys_evaluate_and_predict():
     assert {"loss", "val_loss", "task0_mae", "val_task0_mae"} <= keys
     assert not any(k.startswith("_") or k.startswith("val__") for k in keys)
     assert "val_task0_weight" not in keys
+    assert "skipped_steps" in keys and "val_skipped_steps" not in keys
+    assert history.history["skipped_steps"] == [0.0, 0.0]
     results = model.evaluate(X, targets(model, Y), batch_size=len(X), verbose=0, return_dict=True)
     predictions = model.predict(X, verbose=0)
     for t, y in zip(model.task_names, Y):
@@ -253,11 +255,15 @@ def test_non_positive_or_nan_loss_under_log_transform(bad):
 
     model.compile(optimizer=keras.optimizers.SGD(0.01), balancer="dbmtl",
                   loss={"task0": "mse", "task1": task1_loss, "task2": "mse"})
-    before = to_numpy(model.trainable_variables)
-    with pytest.raises(ValueError, match=r"task\(s\) 'task1' is not usable.*positive and finite"):
-        model.fit(X, targets(model, Y), batch_size=BATCH, epochs=1, verbose=0)
-    # The bad step was not applied: no NaN model.
-    after = to_numpy(model.trainable_variables)
+    before = to_numpy(model.variables)
+    with pytest.warns(RuntimeWarning, match=r"task\(s\) 'task1' is not positive and finite.*skipped"):
+        history = model.fit(X, targets(model, Y), batch_size=BATCH, epochs=1, verbose=0)
+    # Every step was skipped and counted: nothing applied, no NaN model, no training loss to report.
+    assert history.history["skipped_steps"] == [len(X) // BATCH]
+    assert np.isnan(history.history["loss"][0])
+    after = to_numpy(model.variables)
     assert all(np.all(np.isfinite(a)) for a in after)
     for a, b in zip(after, before):
         np.testing.assert_array_equal(a, b)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+    assert int(keras.ops.convert_to_numpy(model.balancer.iterations)) == 0

@@ -25,6 +25,11 @@ passes, so a shorter domain starts a new shuffled pass when it runs out and simp
 the epoch boundary (LibMTL keeps the iterators alive across epochs and re-creates one when it raises
 StopIteration). Training batches drop the last incomplete batch (``drop_last=True`` in LibMTL);
 evaluation batches keep it.
+
+Bad files raise ``MissingDataError`` (also a ``FileNotFoundError``: a listed image or a split file that
+does not exist) or ``DataError`` (a ``ValueError``: an image Pillow cannot decode, e.g. truncated, a
+malformed split-file line, a label out of range), each naming the file and the fix; no batch is built
+from them.
 """
 
 import math
@@ -33,6 +38,8 @@ import random
 
 import keras
 import numpy as np
+
+from applications.common import DataError, MissingDataError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -72,7 +79,8 @@ def dataset_spec(name):
 def read_split_file(path):
     """Reads ``<relative path> <label>`` lines; returns a list of (path, int label)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Split file not found: {path}")
+        raise MissingDataError(f"Split file not found: {path}. Pass --split-dir, or write the split files "
+                               "with applications.office.data.make_splits.")
     entries = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -81,11 +89,13 @@ def read_split_file(path):
                 continue
             parts = line.rsplit(maxsplit=1)  # paths may contain spaces, the label never does
             if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected '<path> <label>', got {line!r}")
+                raise DataError(f"{path}:{lineno}: expected '<path> <label>', got {line!r}. Fix or delete "
+                                "that line (a truncated copy? compare with LibMTL's data_txt).")
             try:
                 label = int(parts[1])
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: label {parts[1]!r} is not an integer") from None
+                raise DataError(f"{path}:{lineno}: label {parts[1]!r} is not an integer. Fix or delete that "
+                                "line (a truncated copy? compare with LibMTL's data_txt).") from None
             entries.append((parts[0], label))
     return entries
 
@@ -103,7 +113,7 @@ def find_split_file(data_root, dataset, domain, split, split_dir=None):
     for c in candidates:
         if os.path.isfile(c):
             return c
-    raise FileNotFoundError(
+    raise MissingDataError(
         f"No split file {name} for domain {domain!r}; looked in: " + ", ".join(candidates)
         + ". Pass --split-dir, copy LibMTL's examples/office/data_txt/<name>/ there, or write one "
           "with applications.office.data.make_splits."
@@ -123,7 +133,8 @@ def make_splits(data_root, dataset, out_dir=None, fractions=(0.6, 0.2, 0.2), see
         if os.path.isdir(os.path.join(base, "images")):
             base = os.path.join(base, "images")  # Office-31 keeps classes under <domain>/images
         if not os.path.isdir(base):
-            raise FileNotFoundError(f"Domain folder not found: {base}")
+            raise MissingDataError(f"Domain folder not found: {base}. --data-root must hold the domain folders "
+                                   "(amazon/images/<class>/..., or Art/<class>/...).")
         classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
         parts = {s: [] for s in SPLITS}
         for label, cls in enumerate(classes):
@@ -144,20 +155,32 @@ def make_splits(data_root, dataset, out_dir=None, fractions=(0.6, 0.2, 0.2), see
 # ----------------------------------------------------------------------------------------------
 # images
 # ----------------------------------------------------------------------------------------------
+_IMAGE_FIX = ("Copy that image again from the dataset archive, or remove its line from the split file "
+              "(<domain>_<split>.txt).")
+
+
 def decode_image(path, image_size):
-    """The image at ``path`` as uint8 RGB, resized (bilinear) to image_size x image_size."""
+    """The image at ``path`` as uint8 RGB, resized (bilinear) to image_size x image_size.
+
+    Raises ``MissingDataError`` / ``DataError`` naming the file (a truncated file fails to decode: Pillow
+    refuses truncated images unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was set)."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image not found: {path}")
+        raise MissingDataError(f"Image not found: {path}. " + _IMAGE_FIX)
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"Cannot decode image {path}: {e}") from e
+            image = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"Cannot decode image {path} ({type(e).__name__}: {e}); it is truncated or not an "
+                        "image. " + _IMAGE_FIX) from e
+    if image.shape != (image_size, image_size, 3):
+        raise DataError(f"Image {path} decoded to shape {image.shape}, expected "
+                        f"{(image_size, image_size, 3)}. " + _IMAGE_FIX)
+    return image
 
 
 def normalize(images_uint8):
@@ -179,7 +202,8 @@ class DomainImages(keras.utils.PyDataset):
                  name=None, check_files=True, **kwargs):
         super().__init__(**kwargs)
         if not entries:
-            raise ValueError(f"No samples for {name or 'this domain'} (empty split file?)")
+            raise DataError(f"No samples for {name or 'this domain'} (empty split file?). Check the split "
+                            "file, or write new ones with applications.office.data.make_splits.")
         self.root = root
         self.paths = [os.path.join(root, p) for p, _ in entries]
         self.labels = np.asarray([lab for _, lab in entries], dtype=np.int32)
@@ -201,9 +225,9 @@ class DomainImages(keras.utils.PyDataset):
             missing = [p for p in self.paths if not os.path.isfile(p)]
             if missing:
                 more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-                raise FileNotFoundError(
+                raise MissingDataError(
                     f"{len(missing)} image(s) listed in the {name or ''} split are missing under "
-                    f"{root}: " + ", ".join(missing[:5]) + more)
+                    f"{root}: " + ", ".join(missing[:5]) + more + ". " + _IMAGE_FIX)
 
     def __len__(self):
         n = len(self.paths) / self.batch_size
@@ -380,11 +404,14 @@ def load_office(data_root, dataset="office31", split="train", domains=None, batc
     for k, domain in enumerate(domains):
         entries = []
         for p in parts:
-            entries += read_split_file(find_split_file(data_root, dataset, domain, p, split_dir))
-        bad = [lab for _, lab in entries if not 0 <= lab < spec["num_classes"]]
-        if bad:
-            raise ValueError(f"{domain}: label {bad[0]} outside [0, {spec['num_classes']}) in its "
-                             f"{split} split file")
+            split_file = find_split_file(data_root, dataset, domain, p, split_dir)
+            part = read_split_file(split_file)
+            bad = [(path, lab) for path, lab in part if not 0 <= lab < spec["num_classes"]]
+            if bad:
+                raise DataError(f"{split_file}: label {bad[0][1]} (of {bad[0][0]}) outside "
+                                f"[0, {spec['num_classes']}) for {dataset}. Is it the split file of another "
+                                "dataset? Fix the labels or pass the right --dataset / --split-dir.")
+            entries += part
         entries = _subsample(entries, max_samples, seed + 1000 * k)
         out[domain] = DomainImages(
             data_root, entries, batch_size=batch_size, image_size=image_size, shuffle=training,

@@ -32,6 +32,11 @@ pairs that are not bonded), then the interatomic distance in Angstrom.
 atoms/bonds and sp/sp2/sp3 are filled in.  ``features="reference"`` mimics
 the reference (molecules read without sanitisation): aromatic and
 hybridisation columns are zero and bonds carry their Kekule order.
+
+Bad input never becomes a silently wrong graph: a cache of another format version, a truncated or corrupt
+cache, or one whose arrays do not fit together raises ``CacheVersionError``; a missing, truncated or damaged
+CSV raises ``DataError`` (``MissingDataError`` when absent). All are ``applications.common.DataError``s (so
+``ValueError``s; ``CacheVersionError`` is a ``RuntimeError`` too) whose message names the file and the fix.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ import os
 import time
 
 import numpy as np
+
+from applications.common import DataError, MissingDataError
 
 FORMAT_VERSION = 1
 """Version of the ``.npz`` cache layout; bump when the arrays change."""
@@ -99,8 +106,12 @@ BOND_STATUS = {0: "covalent-radius connectivity", 1: "extended-Hueckel connectiv
 """How the bonds of a molecule were obtained (``status`` array of the cache)."""
 
 
-class CacheVersionError(RuntimeError):
-    """A cache file was written by another version of this module."""
+class CacheVersionError(DataError, RuntimeError):
+    """A cache file was written by another version of this module, or is truncated, corrupt or inconsistent."""
+
+
+_CSV_FIX = ("Reinstall the data (pip install --force-reinstall qm9pack==1.0.3) or pass the data_dir of an "
+            "intact copy of qm9pack's data/ folder.")
 
 
 # --------------------------------------------------------------------------- files
@@ -117,7 +128,7 @@ def qm9pack_data_dir():
         path = os.path.join(loc, "data")
         if os.path.exists(os.path.join(path, _CSV_PARTS[0])):
             return path
-    raise FileNotFoundError(f"qm9pack is installed but has no data/{_CSV_PARTS[0]}")
+    raise MissingDataError(f"qm9pack is installed but has no data/{_CSV_PARTS[0]}. " + _CSV_FIX)
 
 
 def default_cache_dir(cache_dir=None):
@@ -134,13 +145,31 @@ def read_qm9_frame(data_dir=None):
     """All molecules as one pandas DataFrame, in file order (sorted by QM9 index)."""
     import pandas as pd
 
+    from_qm9pack = data_dir is None
     data_dir = data_dir or qm9pack_data_dir()
     cols = ["Index", "SMILES", "Elements", "XYZ_Ang"] + list(_CSV_COLUMNS.values())
-    frames = [pd.read_csv(os.path.join(data_dir, name), usecols=cols)
-              for name in _CSV_PARTS if os.path.exists(os.path.join(data_dir, name))]
+    frames = []
+    for name in _CSV_PARTS:
+        path = os.path.join(data_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            frame = pd.read_csv(path, usecols=cols)
+        except Exception as err:  # truncated (EOF inside a quoted field), missing columns, not a CSV...
+            raise DataError(f"QM9 CSV {path} cannot be read ({type(err).__name__}: {err}). " + _CSV_FIX) from err
+        empty = frame[cols].isna().any(axis=1).to_numpy()
+        if empty.any():
+            row = int(np.argmax(empty))
+            raise DataError(f"QM9 CSV {path} has empty fields in data row {row + 1} (a truncated or damaged "
+                            "file). " + _CSV_FIX)
+        frames.append(frame)
     if not frames:
-        raise FileNotFoundError(f"no QM9 CSV ({', '.join(_CSV_PARTS)}) in {data_dir}")
-    return pd.concat(frames, ignore_index=True)
+        raise MissingDataError(f"no QM9 CSV ({', '.join(_CSV_PARTS)}) in {data_dir}. " + _CSV_FIX)
+    frame = pd.concat(frames, ignore_index=True)
+    if from_qm9pack and len(frame) != N_MOLECULES:
+        raise DataError(f"The QM9 CSVs in {data_dir} hold {len(frame)} molecules, not {N_MOLECULES}. " + _CSV_FIX)
+    frame.attrs["source"] = data_dir
+    return frame
 
 
 def parse_elements(text):
@@ -267,8 +296,16 @@ def preprocess(frame, rows=None, progress=True):
                         unit="mol", mininterval=1.0)
     t0 = time.perf_counter()
     for i, (el_text, xyz_text) in enumerate(iterator):
-        elements = parse_elements(el_text)
-        coords = parse_xyz(xyz_text)
+        try:
+            elements = parse_elements(el_text)
+            coords = parse_xyz(xyz_text)
+            if len(coords) != len(elements) or not np.isfinite(coords).all() or \
+                    any(e not in ELEMENTS for e in elements):
+                raise ValueError(f"{len(elements)} elements {elements} but {len(coords)} finite positions")
+        except ValueError as err:
+            source = frame.attrs.get("source", "the QM9 CSV files")
+            raise DataError(f"QM9 molecule {int(sub['Index'].iloc[i])} in {source} has unreadable elements or "
+                            f"coordinates ({err}). " + _CSV_FIX) from err
         f = featurize_molecule(elements, coords)
         n_atoms[i] = len(elements)
         n_bonds[i] = len(f["bonds"])
@@ -315,11 +352,42 @@ def _cache_fix(path):
             "or pass rebuild=True / --rebuild-cache to preprocess the molecules again.")
 
 
+def _cache_problem(arrays):
+    """What does not fit together in a cache's arrays (None when they do): lengths, atom indices, values."""
+    n = len(arrays["rows"])
+    for k in ("qm9_index", "n_atoms", "n_bonds", "status", "targets", "smiles"):
+        if len(arrays[k]) != n:
+            return f"{k} has {len(arrays[k])} entries for {n} molecules"
+    if arrays["targets"].shape != (n, len(TARGETS)):
+        return f"targets have shape {arrays['targets'].shape}, expected {(n, len(TARGETS))}"
+    n_atoms, n_bonds = arrays["n_atoms"].astype(np.int64), arrays["n_bonds"].astype(np.int64)
+    if n and (n_atoms.min() < 1 or n_bonds.min() < 0):
+        return "negative or zero atom / bond counts"
+    atoms, bonds = int(n_atoms.sum()), int(n_bonds.sum())
+    for k, count, shape in (("z", atoms, ()), ("pos", atoms, (3,)), ("aromatic", atoms, ()), ("hyb", atoms, ()),
+                            ("bonds", bonds, (2,)), ("kekule", bonds, ()), ("bond_aromatic", bonds, ())):
+        if arrays[k].shape != (count,) + shape:
+            return f"{k} has shape {arrays[k].shape}, expected {(count,) + shape} from n_atoms / n_bonds"
+    if bonds:
+        mol_of_bond = np.repeat(np.arange(n), n_bonds)
+        b = arrays["bonds"].astype(np.int64)
+        if b.min() < 0 or (b.max(axis=1) >= n_atoms[mol_of_bond]).any():
+            return "a bond joins atoms outside its molecule"
+        if not np.isin(arrays["kekule"], (1, 2, 3)).all():
+            return "bond orders other than 1, 2, 3"
+    if not np.isin(arrays["z"], _ONE_HOT_Z).all():
+        return "atomic numbers other than H, C, N, O, F"
+    if not (np.isfinite(arrays["pos"]).all() and np.isfinite(arrays["targets"]).all()):
+        return "NaN or infinite positions or targets"
+    return None
+
+
 def load_cache(path):
     """Read a cache written by ``save_cache``.
 
     Raises ``CacheVersionError`` (naming the file and the fix) for a cache of
-    another format version, a truncated or corrupt file, or missing arrays.
+    another format version, a truncated or corrupt file, missing arrays, or
+    arrays that do not fit together (lengths, atom indices, values).
     """
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -331,7 +399,12 @@ def load_cache(path):
             missing = [k for k in _CACHE_KEYS if k not in f.files]
             if missing:
                 raise CacheVersionError(f"QM9 cache {path} lacks the arrays {missing}. " + _cache_fix(path))
-            return {k: f[k] for k in _CACHE_KEYS}
+            arrays = {k: f[k] for k in _CACHE_KEYS}
+        problem = _cache_problem(arrays)
+        if problem:
+            raise CacheVersionError(f"QM9 cache {path} is inconsistent ({problem}); it is corrupt or was written "
+                                    "by another version. " + _cache_fix(path))
+        return arrays
     except CacheVersionError:
         raise
     except FileNotFoundError:

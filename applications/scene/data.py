@@ -22,8 +22,10 @@ Augmentation (`augment=True`) is the reference's (MTAN issue 34, LibMTL `RandomS
 - a horizontal flip with probability 0.5, which negates the x (first) component of the normals, as the
   reference does: mirroring the image mirrors the scene, so surfaces facing left now face right.
 
-Every file is checked when read: a missing file, an unreadable or truncated `.npy`, an array of the wrong
-shape, or a label outside [-1, classes) raises an error that names the file.
+Every file is checked when read: a missing file (`MissingDataError`, also a `FileNotFoundError`), an
+unreadable or truncated `.npy`, an array of the wrong shape, non-finite values or a label outside
+[-1, classes) (`DataError`, a `ValueError`) raise an error that names the file and says what to do; no batch
+is ever built from such a file.
 
 ```python
 import tempfile
@@ -45,6 +47,8 @@ import os
 import keras
 import numpy as np
 
+from applications.common import DataError, MissingDataError
+
 # Task name -> folder on disk.
 TASK_FOLDERS = {"segmentation": "label", "depth": "depth", "normal": "normal"}
 IGNORE_LABEL = -1
@@ -60,18 +64,31 @@ def _split_dir(root, split):
     return os.path.join(os.path.expanduser(root), SPLITS[split])
 
 
+_LAYOUT = ("the data root must hold train/ and val/, each with image/, label/, depth/ (and normal/ for NYUv2) "
+           "folders of <i>.npy files, as in the MTAN / LibMTL preprocessed downloads; check --data-root")
+
+
+def _fix(path, clause=False):
+    """What to do about a bad sample file (a sentence, or a clause to follow other advice)."""
+    folder, name = os.path.split(path)
+    image = os.path.join(os.path.dirname(folder), "image", name)
+    text = (f"extract that file again from the preprocessed download, or drop sample {os.path.splitext(name)[0]} "
+            f"of the split by deleting {image} (and its other files).")
+    return text if clause else text[0].upper() + text[1:]
+
+
 def list_indices(root, split):
     """Sorted sample indices `i` of `root/<split>/image/<i>.npy`."""
     image_dir = os.path.join(_split_dir(root, split), "image")
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"No image folder {image_dir} (expected root/{{train,val}}/image/<i>.npy).")
+        raise MissingDataError(f"No image folder {image_dir}: {_LAYOUT}.")
     indices = []
     for name in os.listdir(image_dir):
         stem, ext = os.path.splitext(name)
         if ext == ".npy" and stem.isdigit():
             indices.append(int(stem))
     if not indices:
-        raise FileNotFoundError(f"No <i>.npy files in {image_dir}.")
+        raise MissingDataError(f"No <i>.npy files in {image_dir}: {_LAYOUT}.")
     return sorted(indices)
 
 
@@ -80,29 +97,36 @@ def sample_path(root, split, folder, index):
 
 
 def read_array(path):
-    """`np.load(path)` with errors that name the file."""
+    """`np.load(path)` with errors that name the file and the fix (`MissingDataError`, `DataError`)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Missing file {path}.")
+        raise MissingDataError(f"Missing file {path}. " + _fix(path))
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as error:  # truncated or not a .npy file: numpy raises ValueError, EOFError, OSError...
-        raise ValueError(f"Could not read {path} as a .npy array ({type(error).__name__}: {error}).") from error
+        raise DataError(f"Could not read {path} as a .npy array ({type(error).__name__}: {error}); it is "
+                        "truncated or not a .npy file. " + _fix(path)) from error
     if not isinstance(array, np.ndarray):
-        raise ValueError(f"{path} does not hold a single array.")
+        raise DataError(f"{path} does not hold a single array (an .npz archive?). " + _fix(path))
     return array
 
 
-def _check_shape(array, path, height, width, channels):
-    """Accept (H, W, C), or (H, W) when C == 1; return (H, W, C) float32."""
+def _check_shape(array, path, height, width, channels, image_path=None):
+    """Accept (H, W, C), or (H, W) when C == 1; return (H, W, C) float32 (finite values only)."""
     if array.ndim == 2 and channels == 1:
         array = array[..., None]
     expected = (height, width, channels)
     if array.shape != expected:
-        raise ValueError(f"{path} has shape {array.shape}; expected {expected} "
-                         f"(image size {height}x{width}, {channels} channel(s)).")
-    if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{path} has dtype {array.dtype}; expected numbers.")
-    return array.astype(np.float32, copy=False)
+        size = f"the size of its image {image_path}" if image_path else f"image size {height}x{width}"
+        raise DataError(f"{path} has shape {array.shape}; expected {expected} "
+                        f"({size}, {channels} channel(s)). " + _fix(path))
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DataError(f"{path} has dtype {array.dtype}; expected real numbers. " + _fix(path))
+    array = array.astype(np.float32, copy=False)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise DataError(f"{path} holds {array.size - int(finite.sum())} NaN or infinite value(s); missing "
+                        "measurements are stored as 0 in this layout. " + _fix(path))
+    return array
 
 
 def load_sample(root, split, index, tasks, num_classes=None):
@@ -113,18 +137,20 @@ def load_sample(root, split, index, tasks, num_classes=None):
     image_path = sample_path(root, split, "image", index)
     image = read_array(image_path)
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"{image_path} has shape {image.shape}; expected (height, width, 3).")
+        raise DataError(f"{image_path} has shape {image.shape}; expected (height, width, 3). " + _fix(image_path))
     height, width = image.shape[:2]
     sample = {"image": _check_shape(image, image_path, height, width, 3)}
     for task in tasks:
         path = sample_path(root, split, TASK_FOLDERS[task], index)
         channels = 3 if task == "normal" else 1
-        array = _check_shape(read_array(path), path, height, width, channels)
+        array = _check_shape(read_array(path), path, height, width, channels, image_path)
         if task == "segmentation" and num_classes is not None:
             low, high = float(array.min()), float(array.max())
             if low < IGNORE_LABEL or high > num_classes - 1 or not np.all(array == np.round(array)):
-                raise ValueError(f"{path} holds labels in [{low}, {high}]; expected integers in "
-                                 f"[{IGNORE_LABEL}, {num_classes - 1}] ({IGNORE_LABEL} = unlabelled).")
+                raise DataError(f"{path} holds labels in [{low}, {high}]; expected integers in "
+                                f"[{IGNORE_LABEL}, {num_classes - 1}] ({IGNORE_LABEL} = unlabelled). Map another "
+                                f"ignore value (e.g. 255) to {IGNORE_LABEL}, check the number of classes, or "
+                                + _fix(path, clause=True))
         sample[task] = array
     return sample
 
@@ -238,8 +264,8 @@ class SceneSource:
                    if not os.path.isfile(sample_path(root, split, TASK_FOLDERS[task], i))]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise FileNotFoundError(f"Missing file {missing[0]}{more}: every image needs its "
-                                    f"{', '.join(TASK_FOLDERS[t] for t in self.tasks)} file.")
+            raise MissingDataError(f"Missing file {missing[0]}{more}: every image needs its "
+                                   f"{', '.join(TASK_FOLDERS[t] for t in self.tasks)} file. " + _fix(missing[0]))
         self.indices = indices
         first = read_array(sample_path(root, split, "image", indices[0]))
         self.stored_size = tuple(first.shape[:2])
@@ -255,8 +281,9 @@ class SceneSource:
         size = sample["image"].shape[:2]
         if size != self.stored_size and self.image_size == self.stored_size:
             path = sample_path(self.root, self.split, "image", index)
-            raise ValueError(f"{path} is {size[0]}x{size[1]} but the first image of the split is "
-                             f"{self.stored_size[0]}x{self.stored_size[1]}; pass image_size to resize them all.")
+            raise DataError(f"{path} is {size[0]}x{size[1]} but the first image of the split is "
+                            f"{self.stored_size[0]}x{self.stored_size[1]}; pass image_size to resize them all, or "
+                            + _fix(path, clause=True))
         if size != self.image_size:
             sample = resize_sample(sample, *self.image_size)
         if self.augment:

@@ -12,6 +12,26 @@ Each backend module exposes the same two functions:
         - the gradients of sum_t task_losses[t] for `extra_variables` (a balancer's learnable loss scales),
         - the gradients of the regularization loss for shared + task + extra variables (zeros where none).
 
+Data parallelism (several replicas, each with a share of the global batch; see `keras_dbmtl.distributed`) keeps
+balancing exact: every backend module also exposes
+
+    global_losses(task_losses) -> task losses whose value is the global-batch loss and whose gradient is the
+        replica's own share (`local + stop_gradient(replica_mean(local) - local)`); identity on one device.
+    optimizer_gradients(grads) -> what to hand to `optimizer.apply` so that it applies the global-batch
+        gradients once (TensorFlow's optimizer sums over replicas in `apply`: divided by the replica count).
+    num_replicas(), replica_rank(), replica_mean(values): the replica count, this replica's index and the
+        all-reduced mean (1, 0 and the identity on one device);
+    broadcast_from_root(tensors, root=0): copies holding replica `root`'s values (torch processes; the identity
+        where the engine keeps replicas in sync itself).
+
+and `loss_gradients` / `task_gradients` return gradients already averaged over the replicas, so the balancer
+sees the global Jacobian, runs identically on every replica and its state stays the same everywhere.
+
+For the skipped steps of the model's train step (a select, not a branch: no host round trip):
+
+    snapshot(variables) -> the variables' current values (copies where the backend updates in place)
+    keep_where(flag, variables, previous): each variable keeps its new value where `flag`, else gets `previous`
+
 `vectorize=True` computes the Jacobian with the backend's vectorised map (tf pfor, torch
 `is_grads_batched`, `jax.vmap`), False with a loop of T backward passes. `DEFAULT_VECTORIZE` holds the faster
 choice measured on each backend (benchmarks/jacobian.py).
@@ -45,6 +65,30 @@ def backend_module(name=None):
     return module
 
 
+def global_losses(task_losses):
+    return backend_module().global_losses(task_losses)
+
+
+def optimizer_gradients(grads):
+    return backend_module().optimizer_gradients(grads)
+
+
+def num_replicas():
+    return backend_module().num_replicas()
+
+
+def replica_mean(values):
+    return backend_module().replica_mean(values)
+
+
+def replica_rank():
+    return backend_module().replica_rank()
+
+
+def broadcast_from_root(tensors, root=0):
+    return backend_module().broadcast_from_root(list(tensors), root)
+
+
 def loss_gradients(forward, variables):
     return backend_module().loss_gradients(forward, variables)
 
@@ -56,3 +100,11 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables=()
     return module.task_gradients(
         forward, list(shared_variables), [list(group) for group in task_variables], list(extra_variables), vectorize
     )
+
+
+def snapshot(variables):
+    return backend_module().snapshot(list(variables))
+
+
+def keep_where(flag, variables, previous):
+    backend_module().keep_where(flag, list(variables), list(previous))

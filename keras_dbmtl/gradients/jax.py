@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from keras.src.backend.common.stateless_scope import StatelessScope, get_stateless_scope
 
+from keras import ops
+
 from keras_dbmtl.gradients import TaskGradients
 
 DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every model measured (benchmarks/RESULTS.md)
@@ -87,3 +89,43 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables, v
     regularization_grads = list(vjp_fn((jnp.zeros_like(task_losses), jnp.ones_like(regularization_loss)))[0])
     write_back(updates)
     return TaskGradients(aux, task_losses, shared_blocks, task_grads, extra_grads, regularization_grads)
+
+
+# ---------------------------------------------------------------- data parallelism
+# With `keras.distribution.DataParallel` the jitted train step is written on global arrays: the batch is one
+# array sharded over the mesh's batch axis and GSPMD partitions the computation, inserting the all-reduces of the
+# batch means itself. The task losses, the Jacobian and the balancer therefore already see the global batch and
+# the replicated balancer state is updated once (tests/test_multi_device.py checks it against one device).
+
+
+def num_replicas():
+    return 1
+
+
+def replica_mean(values):
+    return values
+
+
+def global_losses(task_losses):
+    return task_losses
+
+
+def optimizer_gradients(grads):
+    return grads
+
+
+def replica_rank():
+    return 0
+
+
+def broadcast_from_root(tensors, root=0):
+    return list(tensors)   # replicated arrays: one value
+
+
+def snapshot(variables):
+    return [v.value for v in variables]             # immutable values: nothing to copy
+
+
+def keep_where(flag, variables, previous):
+    for v, old in zip(variables, previous):
+        v.assign(ops.where(flag, v.value, old))

@@ -34,3 +34,14 @@ def test_write_results(tmp_path):
     json_path, markdown_path = write_results(str(tmp_path / "out"), "run", {"delta_p": 1.5}, "| a |\n")
     assert json.load(open(json_path)) == {"delta_p": 1.5}
     assert open(markdown_path).read() == "| a |\n"
+
+
+def test_data_errors_are_value_errors_and_missing_ones_file_not_found_errors():
+    from applications.common import DataError, MissingDataError
+
+    assert issubclass(DataError, ValueError)
+    assert issubclass(MissingDataError, DataError) and issubclass(MissingDataError, FileNotFoundError)
+    error = MissingDataError("Missing file /data/x.npy. Extract it again.")
+    assert str(error) == "Missing file /data/x.npy. Extract it again."
+    with pytest.raises(ValueError):
+        raise error

@@ -209,3 +209,60 @@ def test_random_flip_mirrors_whole_images(tmp_path):
                 np.testing.assert_allclose(x, plain[:, ::-1], atol=1e-5)
                 seen.add("flipped")
     assert seen == {"plain", "flipped"}
+
+
+def _damage_truncate(path):
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+
+
+IMAGE_DAMAGE = {
+    "truncated_jpeg": (_damage_truncate, "truncated or not an image"),
+    "empty": (lambda p: open(p, "wb").close(), "truncated or not an image"),
+    "text": (lambda p: open(p, "w").write("not an image"), "truncated or not an image"),
+    "deleted": (os.remove, "Image not found"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGE_DAMAGE))
+def test_damaged_image_raises_data_error_naming_the_file_and_the_fix(tmp_path, kind):
+    from applications.common import DataError, MissingDataError
+
+    root = str(tmp_path)
+    rng = np.random.default_rng(0)
+    rels = [f"dslr/images/c/{i}.jpg" for i in range(3)]
+    for rel in rels:  # noisy images: a JPEG of some size, so that half of it is a truncated image
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    ds = data.DomainImages(root, [(rel, 0) for rel in rels], batch_size=1, image_size=16)
+    damage, fragment = IMAGE_DAMAGE[kind]
+    path = os.path.join(root, rels[1])
+    damage(path)
+    assert ds[0][0].shape == (1, 16, 16, 3) and ds[2][0].shape == (1, 16, 16, 3)
+    with pytest.raises(DataError) as error:
+        ds[1]
+    message = str(error.value)
+    assert path in message and fragment in message and "remove its line from the split file" in message, message
+    assert isinstance(error.value, ValueError)
+    if kind == "deleted":
+        assert isinstance(error.value, (MissingDataError, FileNotFoundError))
+        # a new dataset finds it up front (check_files=True), naming it
+        with pytest.raises(MissingDataError, match=rels[1]):
+            data.DomainImages(root, [(rel, 0) for rel in rels], batch_size=1, image_size=16)
+
+
+def test_bad_split_file_label_names_the_split_file(office31):
+    from applications.common import DataError
+
+    path = os.path.join(office31, "dslr_val.txt")
+    with open(path, "a") as f:
+        f.write("dslr/images/apple_cls/frame_0000.jpg 40\n")
+    with pytest.raises(DataError, match="dslr_val.txt: label 40"):
+        data.load_office(office31, "office31", "val", domains=["dslr"])
+    with open(path, "a") as f:
+        f.write("dslr/images/apple_cls/frame_0001.jpg\n")  # a truncated line
+    with pytest.raises(DataError, match=r"dslr_val.txt:\d+: expected '<path> <label>'.*delete that line"):
+        data.load_office(office31, "office31", "val", domains=["dslr"])

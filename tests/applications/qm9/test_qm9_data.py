@@ -256,3 +256,93 @@ def test_truncated_or_foreign_cache_names_the_file_and_the_fix(tmp_path):
     for a, b in zip(good.test, again.test):
         np.testing.assert_array_equal(a.x, b.x)
     assert len(data.load_cache(str(path))["rows"]) == 9
+
+
+def test_corrupt_or_inconsistent_cache_is_refused_naming_the_file(tmp_path):
+    from applications.common import DataError
+
+    src = tmp_path / "csv"
+    src.mkdir()
+    write_synthetic_qm9(src, 9)
+    cache = tmp_path / "cache"
+    kw = dict(cache_dir=str(cache), data_dir=str(src), n_test=2, n_val=2, progress=False)
+    data.load_qm9(**kw)
+    path = cache / "qm9_full.npz"
+    blob = path.read_bytes()
+    with np.load(io.BytesIO(blob)) as f:
+        good = {k: f[k] for k in f.files}
+
+    def refused(fragment):
+        with pytest.raises(data.CacheVersionError) as err:
+            data.load_qm9(**kw)
+        msg = str(err.value)
+        assert str(path) in msg and fragment in msg and "--rebuild-cache" in msg, msg
+        assert isinstance(err.value, DataError) and isinstance(err.value, ValueError)
+        assert isinstance(err.value, RuntimeError)  # as before
+
+    # bytes flipped inside an array (a bad disk or copy): the zip's CRC check catches it
+    damaged = bytearray(blob)
+    start = blob.index(b"pos.npy")
+    for k in range(start + 200, start + 260):
+        damaged[k] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    refused("truncated or corrupt")
+    # valid zips whose arrays do not fit together
+    cases = {
+        "z": (lambda a: a.update(z=a["z"][:-1]), "z has shape"),
+        "bonds": (lambda a: a.update(bonds=np.where(np.arange(a["bonds"].size).reshape(a["bonds"].shape) == 0,
+                                                    50, a["bonds"])), "a bond joins atoms outside"),
+        "targets": (lambda a: a.update(targets=np.where(np.eye(*a["targets"].shape) > 0, np.nan, a["targets"])),
+                    "NaN or infinite"),
+        "rows": (lambda a: a.update(rows=a["rows"][:-1]), "entries for 8 molecules"),
+        "z_values": (lambda a: a.update(z=np.full_like(a["z"], 17)), "atomic numbers"),
+    }
+    for name, (change, fragment) in cases.items():
+        arrays = dict(good)
+        change(arrays)
+        np.savez(path, **arrays)
+        refused(fragment)
+    np.savez(path, **good)
+    data.load_qm9(**kw)  # the intact cache still loads
+
+
+def _lines(path):
+    return path.read_text().splitlines(keepends=True)
+
+
+def test_damaged_csv_is_named(tmp_path):
+    from applications.common import DataError, MissingDataError
+
+    src = tmp_path / "csv"
+    src.mkdir()
+    with pytest.raises(MissingDataError, match=str(src)):
+        data.read_qm9_frame(str(src))
+    write_synthetic_qm9(src, 8)
+    part2 = src / "qm9_part2.csv"
+    blob = part2.read_bytes()
+    kw = dict(cache_dir=str(tmp_path / "cache"), data_dir=str(src), n_test=2, n_val=2, progress=False)
+
+    def refused(fragment):
+        with pytest.raises(DataError) as err:
+            data.load_qm9(**kw)
+        msg = str(err.value)
+        assert fragment in msg and "qm9pack" in msg, msg
+        return msg
+
+    part2.write_bytes(blob[: len(blob) - 40])  # cut inside the last row: its last fields are empty
+    assert str(part2) in refused("empty fields in data row 4")
+    part2.write_bytes(blob[: blob.rindex(b'"[[') + 30])  # cut inside a quoted field
+    assert str(part2) in refused("cannot be read")
+    lines = blob.decode().splitlines(keepends=True)
+    head = lines[0].replace("XYZ_Ang", "XYZ")  # a column renamed: another version of the files
+    part2.write_text(head + "".join(lines[1:]))
+    assert str(part2) in refused("cannot be read")
+    # a row whose coordinates do not match its elements (one number lost)
+    row = lines[2]
+    start = row.index('"[[') + 3
+    damaged = row[:start] + row[row.index(",", start) + 1:]
+    part2.write_text("".join(lines[:2]) + damaged + "".join(lines[3:]))
+    msg = refused("unreadable elements or coordinates")
+    assert "QM9 molecule 6 " in msg and str(src) in msg, msg
+    part2.write_bytes(blob)
+    assert len(data.load_qm9(**kw).test) == 2  # repaired: loads

@@ -184,3 +184,72 @@ def test_label_outside_classes_is_named(nyu_root):
     np.save(path, label)
     with pytest.raises(ValueError, match=path):
         SceneDataset(nyu_root, "test", tasks=NYU_TASKS, batch_size=1)[0]
+
+
+# ------------------------------------------------------------------ bad files: DataError naming the file and the fix
+
+def _truncate(path, keep):
+    with open(path, "rb") as handle:
+        content = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(content[:keep(len(content))])
+
+
+CORRUPTIONS = {
+    # name -> (folder, how to damage root/val/<folder>/1.npy, expected message fragment)
+    "deleted": ("depth", os.remove, "Missing file"),
+    "truncated_data": ("normal", lambda p: _truncate(p, lambda n: n - 100), "truncated or not a .npy file"),
+    "truncated_header": ("label", lambda p: _truncate(p, lambda n: 40), "truncated or not a .npy file"),
+    "empty": ("image", lambda p: _truncate(p, lambda n: 0), "truncated or not a .npy file"),
+    "not_npy": ("depth", lambda p: open(p, "w").write("not an array"), "truncated or not a .npy file"),
+    "pickled": ("depth", lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+                "truncated or not a .npy file"),
+    "wrong_channels": ("normal", lambda p: np.save(p, np.zeros((H, W, 1), np.float32)), "has shape (24, 32, 1)"),
+    "transposed": ("depth", lambda p: np.save(p, np.ones((W, H, 1), np.float32)), "has shape (32, 24, 1)"),
+    "image_size": ("image", lambda p: np.save(p, np.zeros((H + 1, W, 3), np.float32)), "the size of its image"),
+    "nan": ("depth", lambda p: np.save(p, np.full((H, W, 1), np.nan, np.float32)), "NaN or infinite"),
+    "strings": ("label", lambda p: np.save(p, np.full((H, W), "a")), "expected real numbers"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_bad_file_raises_data_error_naming_the_file_and_the_fix(nyu_root, kind):
+    from applications.common import DataError, MissingDataError
+
+    folder, damage, fragment = CORRUPTIONS[kind]
+    path = os.path.join(nyu_root, "val", folder, "1.npy")
+    image = os.path.join(nyu_root, "val", "image", "1.npy")
+    data = SceneDataset(nyu_root, "test", tasks=NYU_TASKS, batch_size=1)
+    damage(path)  # after the dataset was made: the files are read (and checked) batch by batch
+    assert data[0][0].shape == (1, H, W, 3)  # the other samples still load
+    with pytest.raises(DataError) as error:
+        data[1]
+    message = str(error.value)
+    assert path in message and fragment in message, message
+    assert f"deleting {image}" in message, message  # the fix: re-extract, or drop the sample
+    if kind == "deleted":
+        assert isinstance(error.value, MissingDataError) and isinstance(error.value, FileNotFoundError)
+        with pytest.raises(MissingDataError, match=path):  # and found up front by a new dataset
+            SceneDataset(nyu_root, "test", tasks=NYU_TASKS, batch_size=1)
+    assert isinstance(error.value, ValueError)
+
+
+def test_bad_file_in_tf_data_pipeline_names_the_file(nyu_root):
+    pytest.importorskip("tensorflow")
+    path = os.path.join(nyu_root, "val", "depth", "2.npy")
+    _truncate(path, lambda n: n // 2)
+    dataset = make_tf_dataset(nyu_root, "test", tasks=NYU_TASKS, batch_size=1)
+    with pytest.raises(Exception) as error:
+        for _ in dataset:
+            pass
+    assert path in str(error.value) and "truncated" in str(error.value)
+
+
+def test_missing_layout_names_the_folder(tmp_path):
+    from applications.common import MissingDataError
+
+    with pytest.raises(MissingDataError, match=r"train.image.*--data-root"):
+        SceneDataset(str(tmp_path), "train", tasks=NYU_TASKS)
+    os.makedirs(tmp_path / "train" / "image")
+    with pytest.raises(MissingDataError, match=r"No <i>.npy files"):
+        SceneDataset(str(tmp_path), "train", tasks=NYU_TASKS)
