@@ -117,26 +117,36 @@ def optimizer_gradients(grads):
     return grads   # already the global-batch gradients: every process applies the same update
 
 
+def _flat_collective(tensors, collective):
+    """Runs `collective(flat)` (in place) on one flattened buffer per dtype of `tensors` (None entries kept) and
+    returns the tensors rebuilt from the buffers."""
+    result = list(tensors)
+    by_dtype = {}
+    for i, t in enumerate(result):
+        if t is not None:
+            by_dtype.setdefault(t.dtype, []).append(i)
+    for indices in by_dtype.values():
+        flat = torch.cat([result[i].detach().reshape(-1) for i in indices]).contiguous()
+        flat = collective(flat)
+        start = 0
+        for i in indices:
+            size = result[i].numel()
+            result[i] = flat[start : start + size].reshape(result[i].shape)
+            start += size
+    return result
+
+
 def _replica_mean_list(tensors):
     """Replica means of a list of tensors (None entries kept) with one flattened all_reduce per dtype."""
     if not _is_distributed():
         return tensors
-    tensors = list(tensors)
     world = dist.get_world_size()
-    by_dtype = {}
-    for i, t in enumerate(tensors):
-        if t is not None:
-            by_dtype.setdefault(t.dtype, []).append(i)
-    for indices in by_dtype.values():
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+
+    def mean(flat):
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)   # gloo has no AVG
-        flat = flat / world
-        start = 0
-        for i in indices:
-            size = tensors[i].numel()
-            tensors[i] = flat[start : start + size].reshape(tensors[i].shape)
-            start += size
-    return tensors
+        return flat / world
+
+    return _flat_collective(tensors, mean)
 
 
 def broadcast_from_root(tensors, root=0):
@@ -145,19 +155,12 @@ def broadcast_from_root(tensors, root=0):
     tensors = [torch.as_tensor(t).detach() for t in tensors]
     if not _is_distributed():
         return tensors
-    by_dtype = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    result = list(tensors)
-    for indices in by_dtype.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).contiguous()
+
+    def broadcast(flat):
         dist.broadcast(flat, src=root)
-        start = 0
-        for i in indices:
-            size = tensors[i].numel()
-            result[i] = flat[start : start + size].reshape(tensors[i].shape)
-            start += size
-    return result
+        return flat
+
+    return _flat_collective(tensors, broadcast)
 
 
 def init_process_group(backend="gloo", **kwargs):
