@@ -12,7 +12,11 @@ import sys
 def parser():
     p = argparse.ArgumentParser(
         prog="python -m applications.qm9",
-        description="QM9 (11 targets) with keras-dbmtl: MTL balancers vs single-task (STL) baselines.")
+        description="QM9 (11 targets) with keras-dbmtl: MTL balancers vs single-task (STL) baselines.",
+        epilog="Data: the 130,831 molecules of QM9 as shipped by the PyPI package qm9pack==1.0.3 (its CSV "
+               "files; read without importing it). The first run perceives bonds with RDKit and caches the "
+               "graphs as one .npz in --cache-dir; later runs need only that file (no RDKit, qm9pack, "
+               "spektral or TensorFlow: build it once with --prepare-data, then copy the folder).")
     p.add_argument("--preset", choices=("quick", "paper"), default="paper",
                    help="paper: the paper's model and recipe (a GPU job); quick: ~10 min on 2 CPU cores")
     p.add_argument("--balancer", nargs="+", default=None,
@@ -41,6 +45,12 @@ def parser():
     p.add_argument("--cache-dir", dest="cache_dir", default=None,
                    help="preprocessed-data cache (default $KERAS_DBMTL_CACHE/qm9 or ~/.cache/keras_dbmtl/qm9)")
     p.add_argument("--rebuild-cache", dest="rebuild_cache", action="store_true")
+    p.add_argument("--prepare-data", dest="prepare_data", action="store_true",
+                   help="only build the preprocessed .npz cache of the chosen preset/--subset in --cache-dir "
+                        "(needs RDKit and qm9pack) and exit; a later run with the same --cache-dir needs "
+                        "neither, nor TensorFlow or spektral")
+    p.add_argument("--lr-patience", dest="lr_patience", type=int, default=None,
+                   help="override the preset's ReduceLROnPlateau patience (epochs; the paper: 5)")
     p.add_argument("--verbose", type=int, default=0,
                    help="Keras fit verbosity (0: one short line per epoch, 1, 2: Keras' own)")
     return p

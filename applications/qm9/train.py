@@ -11,6 +11,7 @@ validation Delta_p (STL: best validation MAE of its target).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -76,20 +77,43 @@ class KeepBest(keras.callbacks.Callback):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Records each epoch's wall time; with ``log`` prints one short line per epoch."""
+    """Records each epoch's wall time and its training part (up to the validation pass); with ``log`` prints
+    one short line per epoch; with ``curve_path`` rewrites that JSON file after every epoch with the logs so
+    far (the learning curve survives a run that is stopped early)."""
 
-    def __init__(self, monitor, log=None, prefix=""):
+    def __init__(self, monitor, log=None, prefix="", curve_path=None, meta=None):
         super().__init__()
         self.monitor, self.log, self.prefix = monitor, log, prefix
+        self.curve_path, self.meta = curve_path, dict(meta or {})
 
     def on_train_begin(self, logs=None):
-        self.times = []
-        self._t = time.perf_counter()
+        self.times, self.train_times, self.curve = [], [], {}
+        self._t = self._epoch_start = time.perf_counter()
+        self._train_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start, self._train_end = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self._train_end is None:  # the validation pass at the end of a training epoch
+            self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
         self.times.append(now - self._t)
+        self.train_times.append((self._train_end or now) - self._epoch_start)
         self._t = now
+        for key, value in (logs or {}).items():
+            try:
+                self.curve.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                continue
+        if self.curve_path:
+            doc = dict(self.meta, epochs_done=epoch + 1, epoch_seconds=self.times,
+                       train_seconds_per_epoch=self.train_times, history=self.curve)
+            with open(self.curve_path + ".tmp", "w") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(self.curve_path + ".tmp", self.curve_path)
         if self.log is not None and logs:
             lr = logs.get("learning_rate")
             self.log(f"{self.prefix}epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f}, "
@@ -154,8 +178,9 @@ def _history_floats(history):
     return out
 
 
-def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None):
-    """Train one model; returns (model, history dict, info)."""
+def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None, curve_path=None):
+    """Train one model; returns (model, history dict, test MAE, info).  ``curve_path``: a JSON file rewritten
+    after every epoch with the history so far (``EpochTimer``)."""
     keras.utils.set_random_seed(seed)
     train, val, test, steps = make_loaders(d, cfg, tasks, seed)
     m = build_and_compile(d, cfg, tasks, balancer)
@@ -167,7 +192,9 @@ def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None):
         callbacks = []
     keep = KeepBest(monitor, mode)
     tag = f"STL {tasks[0]}" if len(tasks) == 1 else balancer
-    timer = EpochTimer(monitor, log if verbose == 0 else None, prefix=f"  [{tag} seed {seed}] ")
+    timer = EpochTimer(monitor, log if verbose == 0 else None, prefix=f"  [{tag} seed {seed}] ",
+                       curve_path=curve_path, meta=dict(balancer=balancer, seed=seed, tasks=list(tasks),
+                                                        config=cfg, backend=keras.backend.backend()))
     callbacks += [keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=cfg["lr_factor"],
                                                     patience=cfg["lr_patience"], min_lr=cfg["min_lr"]),
                   keep, timer]
@@ -181,7 +208,7 @@ def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None):
     info = dict(best_epoch=(keep.best_epoch + 1) if keep.best_epoch is not None else None,
                 best_monitor=keep.best, monitor=monitor, train_seconds=train_seconds,
                 eval_seconds=time.perf_counter() - t0, epoch_seconds=timer.times,
-                steps_per_epoch=steps)
+                train_seconds_per_epoch=timer.train_times, steps_per_epoch=steps)
     history = _history_floats(hist.history)
     return m, history, test_mae, info
 
@@ -202,16 +229,22 @@ def run_stl(d, cfg, seeds, verbose=1, log=print):
     return dict(test=test, val=val, runs=runs)
 
 
-def run_mtl(d, cfg, balancer, seeds, baselines, verbose=1, log=print):
+def run_mtl(d, cfg, balancer, seeds, baselines, verbose=1, log=print, on_run=None, out=None):
+    """Trains ``balancer`` once per seed; ``on_run(run)`` is called as soon as each run finishes (the CLI
+    writes ``<out>/run_<balancer>_seed<seed>.json`` there, so a later failure loses nothing); with ``out``,
+    ``<out>/curve_<balancer>_seed<seed>.json`` holds the learning curve so far after every epoch."""
     val_base = baselines.get("val") or baselines["test"]
     runs = []
     for seed in seeds:
         log(f"[{balancer}] seed {seed}")
+        curve = os.path.join(out, f"curve_{balancer}_seed{seed}.json") if out else None
         _, hist, test_mae, info = fit_one(d, cfg, list(qdata.TARGETS), balancer, seed, val_base, verbose,
-                                          log)
+                                          log, curve_path=curve)
         dp = delta_p({f"{t}_mae": v for t, v in test_mae.items()},
                      {f"{t}_mae": baselines["test"][t] for t in qdata.TARGETS})
         runs.append(dict(seed=seed, test_mae=test_mae, delta_p=dp, history=hist, **info))
+        if on_run is not None:
+            on_run(runs[-1])
         log(f"[{balancer}] seed {seed}: test Δp {dp:+.2f}% (best val epoch {info['best_epoch']}, "
             f"{info['train_seconds']:.0f} s)")
     return runs
@@ -285,6 +318,17 @@ def plot_results(rows, baselines, results, path):
     plt.close(fig)
 
 
+def _write_run(out, balancer, report, run):
+    """``<out>/run_<balancer>_seed<seed>.json``: one finished run (test MAE and Δp at the epoch selected on
+    validation Δp, the per-epoch history with ``val_delta_p``) with the command and config."""
+    path = os.path.join(out, f"run_{balancer}_seed{run['seed']}.json")
+    doc = dict({k: report[k] for k in ("command", "preset", "backend", "config", "split_seed", "features")},
+               balancer=balancer, **run)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=_json_default)
+    return path
+
+
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -299,7 +343,7 @@ def _json_default(o):
 def main(args, command):
     """Run what the CLI asked for (``args`` from ``__main__.parser``)."""
     cfg = dict(PRESETS[args.preset])
-    for key in ("epochs", "batch_size", "edges", "dim"):
+    for key in ("epochs", "batch_size", "edges", "dim", "lr_patience"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     if args.subset is not None:
@@ -320,6 +364,11 @@ def main(args, command):
     d = qdata.load_qm9(cache_dir=args.cache_dir, split_seed=args.split_seed, subset=cfg["subset"],
                        features=args.features, rebuild=args.rebuild_cache)
     timings["data_seconds"] = time.perf_counter() - t0
+    if getattr(args, "prepare_data", False):
+        size = os.path.getsize(d.info["cache"]) / 2**20
+        log(f"data: {d}; cache {d.info['cache']} ({size:.1f} MiB) ready: run with --cache-dir "
+            f"{os.path.dirname(d.info['cache'])}")
+        return dict(cache=d.info["cache"], n=dict(train=len(d.train), val=len(d.val), test=len(d.test)))
     log(f"data: {d} in {timings['data_seconds']:.1f} s (cache {d.info['cache']}); RDKit could not assign "
         f"bond orders to {d.info['n_rdkit_failed']} of these molecules (kept, all bonds single)")
 
@@ -351,14 +400,18 @@ def main(args, command):
         results = {}
         for b in balancers:
             t0 = time.perf_counter()
-            results[b] = run_mtl(d, cfg, b, seeds, baselines, verbose=args.verbose, log=log)
+            results[b] = run_mtl(d, cfg, b, seeds, baselines, verbose=args.verbose, log=log,
+                                 on_run=functools.partial(_write_run, out, b, report), out=out)
             timings[f"{b}_seconds"] = time.perf_counter() - t0
         rows = summarize(results, baselines)
         table = markdown_table(rows, baselines)
         report.update(baselines_file=os.path.abspath(baselines_file), summary=rows,
                       runs={b: [{k: v for k, v in r.items()} for r in rs] for b, rs in results.items()})
         png = os.path.join(out, "qm9_results.png")
-        plot_results(rows, baselines, results, png)
+        try:
+            plot_results(rows, baselines, results, png)
+        except ImportError as err:  # matplotlib is optional: the JSON and table hold every number
+            png = f"(no plot: {err})"
         log("\nTest MAE (paper units) at the best validation-Δp epoch, mean over seeds:\n" + table)
         log(f"plot: {png}")
         with open(os.path.join(out, "results.md"), "w") as f:
