@@ -67,9 +67,11 @@ QUICK = dict(
 QUICK_CORE = ("ew", "dbmtl", "uw", "imtl_g")
 # --gpu: the JAX and torch jobs on a GPU (no TensorFlow there), wall-clock timing synchronised with the device, the
 # paper's QM9 model (common.QM9_PAPER), one job at a time so that jobs do not share the GPU; no CPU-memory job.
-GPU = dict(FULL, memory_models=[], memory_libmtl_models=[], eager_models=[], repeats=8, rounds=4, warmup=2,
-           libmtl_models=["qm9", "conv", "dense-T11", "dense-T40"])
-GPU_JOBS = ("jax", "torch")
+GPU = dict(FULL, sweep_models=[], core_models=["qm9", "conv", "dense-T11"], core_balancers=["ew", "dbmtl", "pcgrad", "mgda"],
+           qm9_balancers=["ew", "dbmtl", "pcgrad", "mgda"], jacobian_models=[], overhead_model=None,
+           check_host_model="dense-T11", memory_models=[], memory_libmtl_models=[], eager_models=[],
+           libmtl_models=["qm9", "conv", "dense-T11"], repeats=6, rounds=3, warmup=2)
+GPU_JOBS = ("torch", "jax")
 
 JOBS = {  # name -> (backend, step-time modes, jacobian modes, libmtl)
     "tf-xla": ("tensorflow", ["tf-xla"], ["tf-xla"], False),
