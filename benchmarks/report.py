@@ -267,8 +267,15 @@ def write(out_dir, results_md, fig_dir, command):
     add(command)
     add("```")
     add("")
-    add(f"- Machine: {machine.get('nproc', '?')} CPU cores ({machine.get('cpu', '?')}), CPU only, shared with "
-        f"other jobs (load average at the end {', '.join(machine.get('loadavg', []))}); {machine.get('platform', '')}.")
+    if machine.get("gpu"):
+        add(f"- Machine: one **{machine['gpu']}** GPU (JAX and torch backends only: TensorFlow is not installed there), "
+            f"{machine.get('nproc', '?')} CPU cores ({machine.get('cpu', '?')}); {machine.get('platform', '')}. "
+            "Clock: **wall time** per step, each step synchronised with the device (`common.synchronize`); "
+            "what the next paragraph says about CPU time applies to the CPU tables in RESULTS.md, not here.")
+    else:
+        add(f"- Machine: {machine.get('nproc', '?')} CPU cores ({machine.get('cpu', '?')}), CPU only, shared with "
+            f"other jobs (load average at the end {', '.join(machine.get('loadavg', []))}); "
+            f"{machine.get('platform', '')}.")
     add(f"- Versions: Python {machine.get('python', '?')}, keras {versions.get('keras', '?')}, TensorFlow "
         f"{versions.get('tensorflow', '?')}, torch {versions.get('torch', '?')}, JAX {versions.get('jax', '?')}.")
     if run:
