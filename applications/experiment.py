@@ -88,6 +88,13 @@ def apply_backend(backend):
     return os.environ["KERAS_BACKEND"]
 
 
+def backend_name():
+    """The Keras backend in use (imports Keras: call after ``apply_backend``)."""
+    import keras
+
+    return keras.backend.backend()
+
+
 # --------------------------------------------------------------------------- settings and checks
 
 
@@ -355,6 +362,6 @@ def summary_table(plan, runs, grids):
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PAPER_GRIDS", "ExperimentError", "add_arguments", "apply_backend", "Setting", "parse_grid",
+__all__ = ["PAPER_GRIDS", "ExperimentError", "add_arguments", "apply_backend", "backend_name", "Setting", "parse_grid",
            "check_output_folder", "check_seeds", "Plan", "make_plan", "plan_from_args", "run_plan",
            "summary_table", "write_json"]
