@@ -102,4 +102,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from applications.common import rerun_with_malloc_tunables
+
+    rerun_with_malloc_tunables()  # no per-step mmap/munmap of XLA's temporaries (see applications.common)
     main()
