@@ -274,6 +274,43 @@ def plan_from_args(args, check_out=True):
                      args.seeds if args.seeds is not None else defaults["seeds"], args.out, check_out=check_out)
 
 
+# --------------------------------------------------------------------------- progress bar
+
+
+def per_task_key(key, tasks):
+    """Whether a log key belongs to one task (``<task>_...`` or ``val_<task>_...``)."""
+    bare = key[4:] if key.startswith("val_") else key
+    return any(bare.startswith(f"{t}_") for t in tasks)
+
+
+def compact_progbar(tasks):
+    """A ``keras.callbacks.ProgbarLogger`` (it replaces Keras' own when passed to ``fit``) whose bar shows the
+    keys that are not per task (loss, Δp, learning rate) and, per kind of per-task key, the number of tasks:
+    with 40 tasks Keras' bar would print every task's loss, weight, gradient norm and metric at each update
+    (thousands of characters). History and the other callbacks still receive every key."""
+    import keras
+
+    tasks = tuple(tasks)
+
+    class CompactProgbar(keras.callbacks.ProgbarLogger):
+        def _shown(self, logs):
+            return {k: v for k, v in (logs or {}).items() if not per_task_key(k, tasks)}
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if self.verbose:
+                print(f"({len(tasks)} tasks: the per-task losses, weights and metrics are in History, not in "
+                      "the bar)", flush=True)
+
+        def _update_progbar(self, batch, logs=None):
+            super()._update_progbar(batch, self._shown(logs))
+
+        def _finalize_progbar(self, logs):
+            super()._finalize_progbar(self._shown(logs))
+
+    return CompactProgbar()
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -363,5 +400,5 @@ def summary_table(plan, runs, grids):
 
 
 __all__ = ["PAPER_GRIDS", "ExperimentError", "add_arguments", "apply_backend", "backend_name", "Setting", "parse_grid",
-           "check_output_folder", "check_seeds", "Plan", "make_plan", "plan_from_args", "run_plan",
+           "check_output_folder", "check_seeds", "per_task_key", "compact_progbar", "Plan", "make_plan", "plan_from_args", "run_plan",
            "summary_table", "write_json"]

@@ -202,6 +202,10 @@ def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None, c
     callbacks += [keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=cfg["lr_factor"],
                                                     patience=cfg["lr_patience"], min_lr=cfg["min_lr"]),
                   keep, timer]
+    if verbose == 1 and len(tasks) > 1:  # Keras' bar would print ~4 keys per task at every update
+        from applications.experiment import compact_progbar
+
+        callbacks.append(compact_progbar(tasks))
     t0 = time.perf_counter()
     hist = m.fit(train, validation_data=val, epochs=cfg["epochs"], callbacks=callbacks,
                  verbose=verbose, steps_per_epoch=None)

@@ -120,3 +120,32 @@ def test_a_late_failure_keeps_the_finished_runs(tmp_path):
     with pytest.raises(RuntimeError):
         experiment.run_plan(plan, train_one, log=lambda m: None)
     assert json.loads((tmp_path / "run_ew_seed0.json").read_text())["delta_p"] == 2.0
+
+
+def test_compact_progbar_with_40_tasks_keeps_the_keys_in_history(capsys):
+    import keras
+    import numpy as np
+
+    import keras_dbmtl
+
+    tasks = [f"t{k}" for k in range(40)]
+    model = keras_dbmtl.MultiTaskModel(encoder=keras.layers.Dense(4, name="enc"),
+                                       heads={t: keras.layers.Dense(1, name=f"h_{t}") for t in tasks})
+    model.compile(optimizer="sgd", loss={t: "mse" for t in tasks}, metrics={t: ["mae"] for t in tasks},
+                  balancer="ew")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = {t: rng.normal(size=(16, 1)).astype("float32") for t in tasks}
+
+    def longest_update(callbacks):
+        capsys.readouterr()
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=1, callbacks=callbacks)
+        text = capsys.readouterr().out
+        return max(len(part) for part in text.replace("\r", "\n").split("\n")), history.history
+
+    plain, _ = longest_update([])
+    compact, history = longest_update([experiment.compact_progbar(tasks)])
+    assert plain > 2000  # Keras' own bar: every task's keys at every update
+    assert compact < 200, compact
+    assert all(f"{t}_loss" in history and f"{t}_mae" in history for t in tasks)
+    assert experiment.per_task_key("val_t3_mae", tasks) and not experiment.per_task_key("val_loss", tasks)
