@@ -903,7 +903,8 @@ __all__ = [
     "HARTREE_TO_EV", "ATOMREF_EV", "CacheVersionError", "qm9pack_data_dir", "default_cache_dir",
     "read_qm9_frame", "parse_elements", "parse_xyz", "featurize_molecule", "qm9_targets",
     "preprocess", "subset_cache_name", "save_cache", "load_cache", "split_indices", "load_arrays", "node_features",
-    "bond_features", "spektral_data", "MinimalGraph", "MinimalDataset", "make_graphs", "QM9Graphs", "QM9Data", "load_qm9", "graph_edges", "collate",
+    "bond_features", "spektral_data", "MinimalGraph", "MinimalDataset", "make_graphs",
+    "QM9Graphs", "QM9Data", "load_qm9", "graph_edges", "collate",
     "GraphLoader", "edge_count_stats",
 ]
 

@@ -20,7 +20,7 @@ pytest.importorskip("spektral")
 
 from applications.qm9 import data  # noqa: E402
 
-from tests.applications.qm9.qm9_fixtures import write_synthetic_qm9  # noqa: E402
+from tests.applications.qm9.qm9_fixtures import write_cli_cache, write_synthetic_qm9  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 BLOCKED = ("tensorflow", "spektral", "rdkit", "qm9pack")
@@ -110,16 +110,12 @@ def test_help_works_without_tensorflow(tmp_path):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="one child process on JAX covers the path")
-def test_cli_trains_from_a_cache_without_tensorflow_spektral_or_rdkit(csv_and_cache, tmp_path):
+def test_cli_trains_from_a_cache_without_tensorflow_spektral_or_rdkit(tmp_path):
     """A cache for the CLI's --subset rows (synthetic molecules standing in for them), then one epoch of the
     CLI in a child process where TensorFlow, spektral, RDKit and qm9pack cannot be imported."""
-    kw, _ = csv_and_cache
-    train_rows, val_rows, test_rows = data.split_indices()
-    rows = np.concatenate([train_rows[:12], val_rows[:6], test_rows[:6]])
-    arrays = data.preprocess(data.read_qm9_frame(kw["data_dir"]), np.arange(24), progress=False)
-    arrays["rows"] = rows  # the molecules the CLI asks for (the real ones are in qm9pack, not here)
     cache = tmp_path / "cache"
-    data.save_cache(str(cache / data.subset_cache_name(rows)), arrays)
+    (tmp_path / "csv").mkdir()
+    write_cli_cache(tmp_path / "csv", cache)
     out = tmp_path / "out"
     proc = _run_blocked(f"""
         from applications.qm9.__main__ import main
