@@ -49,10 +49,6 @@ QUICK_MODELS = ("conv", "dense-T3", "dense-T11")
 MODES = {"tensorflow": ("tf-graph", "tf-xla", "tf-eager"), "torch": ("torch",), "jax": ("jax",)}
 BACKEND_OF_MODE = {m: b for b, modes in MODES.items() for m in modes}
 
-# Loss-level methods: one backward pass, so their cost should be that of EW.
-LOSS_LEVEL = ("ew", "gls", "uw", "dwa", "rlw", "stch", "famo", "imtl_l", "igbv2", "stl")
-
-
 DEFAULT_THREADS = 1
 
 

@@ -41,6 +41,7 @@ import keras
 import numpy as np
 
 from keras_dbmtl import gradients as gradient_backends
+from keras_dbmtl._utils import unique
 
 __all__ = ["initialize", "num_replicas", "replica_rank", "broadcast_variables", "shard_batches"]
 
@@ -53,12 +54,7 @@ def initialize(backend="gloo", **kwargs):
         backend: the torch.distributed backend: "gloo" on CPU (also works on GPU), "nccl" on GPUs.
         **kwargs: passed to `torch.distributed.init_process_group` (init_method, rank, world_size, timeout, ...).
     """
-    if keras.backend.backend() != "torch":
-        raise ValueError(
-            "keras_dbmtl.distributed.initialize runs torch.distributed: set KERAS_BACKEND=torch. Received the "
-            f"{keras.backend.backend()!r} backend."
-        )
-    return gradient_backends.backend_module().init_process_group(backend, **kwargs)
+    return gradient_backends.init_process_group(backend, **kwargs)   # a ValueError on the other backends
 
 
 def num_replicas():
@@ -90,15 +86,11 @@ def broadcast_variables(model, root=0):
             variables += list(optimizer.variables)
     else:
         variables = list(model)
-    unique, seen = [], set()
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            unique.append(v)
+    variables = unique(variables)
     if gradient_backends.num_replicas() == 1:
         return
-    values = gradient_backends.broadcast_from_root([v.value for v in unique], root)
-    for v, value in zip(unique, values):
+    values = gradient_backends.broadcast_from_root([v.value for v in variables], root)
+    for v, value in zip(variables, values):
         v.assign(value)
 
 

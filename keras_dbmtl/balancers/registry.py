@@ -19,6 +19,11 @@ def register(name):
     return decorator
 
 
+def registered_classes():
+    """The registered balancer classes, by name."""
+    return [_REGISTRY[name] for name in names()]
+
+
 def names():
     """The registered balancer names, sorted."""
     return sorted(_REGISTRY)

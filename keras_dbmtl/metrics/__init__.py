@@ -17,7 +17,6 @@ callback (writes ``val_delta_p``).
 """
 
 from keras_dbmtl.metrics.classification import ClassificationAccuracy
-from keras_dbmtl.metrics.delta_p import DeltaP
 from keras_dbmtl.metrics.delta_p import default_higher_is_better
 from keras_dbmtl.metrics.delta_p import delta_p
 from keras_dbmtl.metrics.delta_p import delta_p_per_task
@@ -66,3 +65,13 @@ __all__ = [
     "delta_p_per_task",
     "nyuv2_metrics",
 ]
+
+
+def __getattr__(name):
+    # `DeltaP`, the callback, lives with the other callbacks (keras_dbmtl/callbacks.py); imported on first use
+    # because keras_dbmtl.callbacks imports the Delta_p functions from here.
+    if name == "DeltaP":
+        from keras_dbmtl.callbacks import DeltaP
+
+        return DeltaP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

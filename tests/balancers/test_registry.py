@@ -1,15 +1,51 @@
 """`get`, `names`, serialisation of every balancer."""
 
+import pathlib
+import re
+
 import keras
 import pytest
 
 from keras_dbmtl import balancers
 
-EXPECTED = {
-    "ew", "dbmtl", "gls", "rlw", "uw", "dwa", "imtl_l", "igbv2", "famo", "stch", "stl", "mgda", "gradnorm",
-    "pcgrad", "graddrop", "gradvac", "imtl_g", "imtl", "cagrad", "mtadam", "nash_mtl", "metabalance", "moco",
-    "aligned_mtl", "fairgrad", "excessmtl", "upgrad", "config",
-}
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _names_in_files():
+    """The names registered by `@register("...")` in the files of keras_dbmtl/balancers/ (one method a file)."""
+    found = set()
+    for path in (ROOT / "keras_dbmtl" / "balancers").glob("*.py"):
+        found.update(re.findall(r'^@register\("([^"]+)"\)', path.read_text(), flags=re.M))
+    return found
+
+
+def _readme_rows():
+    """name -> kind column of the README's balancer table."""
+    rows = re.findall(r"^\| `([a-z_0-9]+)` \|(?:[^|]*\|){3} ([a-z]+) \|", (ROOT / "README.md").read_text(), flags=re.M)
+    return dict(rows)
+
+
+EXPECTED = _names_in_files()
+
+
+def test_every_file_is_registered_and_exported():
+    assert len(EXPECTED) >= 28
+    for name in EXPECTED:
+        cls = type(balancers.get(name))
+        assert getattr(balancers, cls.__name__) is cls and cls.__name__ in balancers.__all__
+
+
+def test_readme_table_lists_every_balancer_with_its_kind():
+    rows = _readme_rows()
+    assert set(rows) == EXPECTED
+    for name, kind in rows.items():
+        balancer = balancers.get(name)
+        if kind == "loss":
+            assert not balancer.uses_task_gradients, name
+        elif kind == "gradient":
+            assert isinstance(balancer, (balancers.GramianBalancer, balancers.JacobianBalancer)), name
+        else:
+            assert kind == "hybrid", (name, kind)
 
 
 def test_names_and_get():
