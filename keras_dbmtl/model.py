@@ -154,6 +154,32 @@ class MultiTaskModel(keras.Model):
         self._task_losses_fns = None
         self._loss_weights_vector = None
         self._vectorize = None
+        self.gradient_statistics = None          # [gradient-statistics hook] see __setattr__
+
+    # [gradient-statistics hook] A keras.metrics.Metric assigned to `gradient_statistics` before fit builds the
+    # train function gets `update_state(gramian)` at every applied step, with the T x T Gramian of the per-task
+    # gradients on the shared variables (gradient-level balancers only). It is listed in `metrics` (so JAX threads
+    # its state and fit resets it every epoch), kept out of Keras' attribute tracking (it can be set after the
+    # model is built) and out of the logs (its result is a matrix). keras_dbmtl.callbacks.TaskBalanceMonitor uses it.
+    def __setattr__(self, name, value):
+        if name == "gradient_statistics":
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def get_metrics_result(self):
+        statistics = getattr(self, "gradient_statistics", None)
+        logs = {}
+        for metric in self.metrics:
+            if metric is statistics:
+                continue
+            result = metric.result()
+            if isinstance(result, dict):
+                logs.update(result)
+            else:
+                logs[metric.name] = result
+        return logs
+    # [end gradient-statistics hook]
 
     # ------------------------------------------------------------------ forward
     def call(self, inputs, training=None):
@@ -342,6 +368,8 @@ class MultiTaskModel(keras.Model):
             result = result + trackers["loss"] + trackers["weight"] + [self._skip_tracker]
             if self.balancer.needs != "losses":
                 result = result + trackers["gradient_norm"]
+        if getattr(self, "gradient_statistics", None) is not None:          # [gradient-statistics hook]
+            result = result + [self.gradient_statistics]
         return result
 
     # ------------------------------------------------------------------ checks
@@ -409,6 +437,8 @@ class MultiTaskModel(keras.Model):
         (updated with a mask), and a LossScaleOptimizer's own scale and counter (they must still shrink on an
         overflow)."""
         metrics = list(self._compile_metrics.variables) if self._compile_metrics is not None else []
+        if self.gradient_statistics is not None:                            # [gradient-statistics hook]
+            metrics += list(self.gradient_statistics.variables)
         return _unique(list(self.variables) + list(inner_optimizer.variables) + metrics)
 
     def _balanced_train_step(self, data):
@@ -532,6 +562,9 @@ class MultiTaskModel(keras.Model):
 
         def applied_step(sanitize, mask=None):
             weights = apply_step(sanitize)
+            if self.gradient_statistics is not None and result is not None:   # [gradient-statistics hook]
+                # a skipped step's update is undone by the select (functional path) or never runs (tf.cond)
+                self.gradient_statistics.update_state(jacobian.gramian())
             self._update_step_metrics(y, y_pred, sample_weight, raw_losses, regularization, weights, jacobian_norms,
                                       mask)
             return None if mask is not None else dict(self.get_metrics_result())
