@@ -77,6 +77,8 @@ class TaskBalanceMonitor(keras.callbacks.Callback):
         self.epochs, self.cosines, self.gramians, self.steps = [], [], [], []
         self._statistics = None
         self._window = None
+        self._epoch_sums = None                            # the training epoch's sums, kept before validation
+        self._in_epoch = False
         self._global_step = 0
         self._writer_failed = False
         self._warned_loss_level = False
@@ -143,6 +145,13 @@ class TaskBalanceMonitor(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._window = {"cosine": 0.0, "conflicts": 0.0, "steps": 0.0}
+        self._epoch_sums = None
+        self._in_epoch = True
+
+    def on_test_begin(self, logs=None):
+        # fit's validation resets every metric of the model, ours too: keep the training epoch's sums first
+        if self._in_epoch and self._epoch_sums is None and self._gradient_level():
+            self._epoch_sums = self._sums()
 
     def on_train_batch_end(self, batch, logs=None):
         self._global_step += 1
@@ -163,9 +172,10 @@ class TaskBalanceMonitor(keras.callbacks.Callback):
         self._write(f"{TAG_PREFIX}_steps", values, self._global_step)
 
     def on_epoch_end(self, epoch, logs=None):
+        sums, self._epoch_sums, self._in_epoch = self._epoch_sums, None, False
         if logs is None or not self._gradient_level():
             return
-        sums = self._sums()
+        sums = sums if sums is not None else self._sums()
         if sums["steps"] <= 0:                             # every step of the epoch was skipped
             return
         cosine, gramian = sums["cosine"] / sums["steps"], sums["gramian"] / sums["steps"]

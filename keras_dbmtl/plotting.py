@@ -128,7 +128,7 @@ def cosine_matrix(source, epoch=-1, tasks=None):
 def plot_cosine_heatmap(source, path, epoch=-1, tasks=None):
     """Heat map of the pairwise cosines of the task gradients (red: conflicting, blue: aligned)."""
     tasks, matrix = cosine_matrix(source, epoch, tasks)
-    figure = _figure(1.0 + 0.7 * len(tasks), 0.6 + 0.6 * len(tasks))
+    figure = _figure(3.0 + 0.6 * len(tasks), 2.4 + 0.5 * len(tasks))
     axis = figure.add_subplot(1, 1, 1)
     image = axis.imshow(matrix, vmin=-1.0, vmax=1.0, cmap="RdBu")
     axis.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")

@@ -154,3 +154,18 @@ def test_tensorboard_event_files_hold_the_scalars(rng, tmp_path):
     np.testing.assert_allclose(values["task_balance/c_gradient_norm"], history.history["c_gradient_norm"], rtol=1e-6)
     assert values["task_balance/conflicting_pairs"] == history.history["conflicting_pairs"]
     assert len(values["task_balance_steps/cosine_b_c"]) == 4
+
+
+def test_validation_does_not_erase_the_epoch(rng):
+    x, y = data(rng)
+    model = make_model()
+    monitor = TaskBalanceMonitor()
+    history = frozen_fit_with_validation(model, x, y, monitor)
+    reference = cosine_matrix(numpy_task_gradients(model, x, y))
+    np.testing.assert_allclose(history.history["cosine_a_b"], [reference[0, 1]], atol=2e-5)
+    assert "val_cosine_a_b" not in history.history
+
+
+def frozen_fit_with_validation(model, x, y, monitor):
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", balancer="dbmtl")
+    return model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, validation_data=(x, y), callbacks=[monitor])
