@@ -82,6 +82,10 @@ class TaskBalanceMonitor(keras.callbacks.Callback):
         self._global_step = 0
         self._writer_failed = False
         self._warned_loss_level = False
+        if self.every_n_steps is not None:
+            # Only then a batch hook: Keras skips the per-batch callback work (a host copy of the logs every step,
+            # which costs TensorFlow most) when no callback overrides it.
+            self.on_train_batch_end = self._record_steps
 
     # ------------------------------------------------------------------ wiring
     def set_model(self, model):
@@ -153,7 +157,7 @@ class TaskBalanceMonitor(keras.callbacks.Callback):
         if self._in_epoch and self._epoch_sums is None and self._gradient_level():
             self._epoch_sums = self._sums()
 
-    def on_train_batch_end(self, batch, logs=None):
+    def _record_steps(self, batch, logs=None):
         self._global_step += 1
         if self.every_n_steps is None or self._global_step % self.every_n_steps or not self._gradient_level():
             return
