@@ -112,8 +112,8 @@ class TaskBalanceMonitor(keras.callbacks.Callback):
 
     def _sums(self):
         s = self._statistics
-        return {"cosine": _numpy(s.cosine_sum), "gramian": _numpy(s.gramian_sum),
-                "conflicts": float(_numpy(s.conflicts_sum)), "steps": float(_numpy(s.steps))}
+        gramian, cosine, conflicts, steps = (_numpy(v) for v in s.split_totals(s.totals.value, s.num_tasks))
+        return {"cosine": cosine, "gramian": gramian, "conflicts": float(conflicts), "steps": float(steps)}
 
     # ------------------------------------------------------------------ logs
     def _pair_values(self, cosine, conflicts):

@@ -23,11 +23,8 @@ class GradientStatistics(keras.metrics.Metric):
     def __init__(self, num_tasks, name="gradient_statistics", **kwargs):
         super().__init__(name=name, **kwargs)
         self.num_tasks = int(num_tasks)
-        shape = (self.num_tasks, self.num_tasks)
-        self.gramian_sum = self.add_variable(shape=shape, initializer="zeros", name="gramian_sum")
-        self.cosine_sum = self.add_variable(shape=shape, initializer="zeros", name="cosine_sum")
-        self.conflicts_sum = self.add_variable(shape=(), initializer="zeros", name="conflicts_sum")
-        self.steps = self.add_variable(shape=(), initializer="zeros", name="steps")
+        # one variable, one update per step: [sum of G (T*T), sum of cos (T*T), sum of conflicts, steps]
+        self.totals = self.add_variable(shape=(2 * self.num_tasks ** 2 + 2,), initializer="zeros", name="totals")
 
     @staticmethod
     def cosines(gramian):
@@ -41,15 +38,21 @@ class GradientStatistics(keras.metrics.Metric):
         gramian = ops.cast(gramian, "float32")
         cosine = self.cosines(gramian)
         conflicts = ops.sum(ops.cast(cosine < 0.0, "float32")) / 2.0
-        self.gramian_sum.assign_add(gramian)
-        self.cosine_sum.assign_add(cosine)
-        self.conflicts_sum.assign_add(conflicts)
-        self.steps.assign_add(1.0)
+        counts = ops.stack([conflicts, ops.ones_like(conflicts)])
+        self.totals.assign_add(ops.concatenate([ops.reshape(gramian, (-1,)), ops.reshape(cosine, (-1,)), counts]))
+
+    @staticmethod
+    def split_totals(totals, num_tasks):
+        """(gramian sum, cosine sum, conflicts sum, steps) from the `totals` vector."""
+        size, shape = num_tasks * num_tasks, (num_tasks, num_tasks)
+        return (ops.reshape(totals[:size], shape), ops.reshape(totals[size:2 * size], shape), totals[2 * size],
+                totals[2 * size + 1])
 
     def result(self):
-        steps = ops.maximum(self.steps, 1.0)
-        return {"gramian": self.gramian_sum / steps, "cosine": self.cosine_sum / steps,
-                "conflicting_pairs": self.conflicts_sum / steps, "steps": self.steps}
+        gramian, cosine, conflicts, steps = self.split_totals(ops.convert_to_tensor(self.totals), self.num_tasks)
+        denominator = ops.maximum(steps, 1.0)
+        return {"gramian": gramian / denominator, "cosine": cosine / denominator,
+                "conflicting_pairs": conflicts / denominator, "steps": steps}
 
     def get_config(self):
         return {**super().get_config(), "num_tasks": self.num_tasks}
