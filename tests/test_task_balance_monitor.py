@@ -169,3 +169,17 @@ def test_validation_does_not_erase_the_epoch(rng):
 def frozen_fit_with_validation(model, x, y, monitor):
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", balancer="dbmtl")
     return model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, validation_data=(x, y), callbacks=[monitor])
+
+
+def test_skipped_steps_are_not_counted(rng):
+    x, y = data(rng, n=16)
+    y["a"][12, 0] = np.nan                                   # the second batch of 8 is unusable: skipped
+    model = make_model()
+    monitor = TaskBalanceMonitor()
+    with pytest.warns(RuntimeWarning):
+        history = frozen_fit(model, x, y, [monitor], batch_size=8)
+    assert history.history["skipped_steps"] == [1.0]
+    totals = keras.ops.convert_to_numpy(model.gradient_statistics.totals)
+    assert totals[-1] == 1.0                                 # one applied step
+    reference = cosine_matrix(numpy_task_gradients(model, x[:8], {t: v[:8] for t, v in y.items()}))
+    np.testing.assert_allclose(monitor.cosines[-1], reference, atol=2e-5)
