@@ -7,6 +7,7 @@ model.compile(optimizer="adam", loss={"seg": ..., "depth": ...}, balancer="dbmtl
 ```
 """
 
+from keras_dbmtl import architectures
 from keras_dbmtl import balancers
 from keras_dbmtl import callbacks
 from keras_dbmtl import distributed
@@ -17,4 +18,4 @@ from keras_dbmtl.model import MultiTaskModel
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiTaskModel", "balancers", "callbacks", "distributed", "gradients", "losses", "metrics", "__version__"]
+__all__ = ["MultiTaskModel", "architectures", "balancers", "callbacks", "distributed", "gradients", "losses", "metrics", "__version__"]

@@ -2,19 +2,24 @@
 
 - `DeltaP` writes `val_delta_p` (Eq. 3 against single-task baselines, `keras_dbmtl.metrics.delta_p`) into the
   epoch logs.
+- `TaskBalanceMonitor` logs how the tasks are balanced (weights, gradient norms, pairwise cosines, conflicts): the
+  paper's Figures 8-10, into the History and TensorBoard.
 - `SkipReport` and `BalancerEpochHook`: added by `MultiTaskModel.fit` itself (warnings for skipped steps; the
   balancer's epoch boundary).
 """
 
+import itertools
 import math
 import sys
 import warnings
 
 import keras
+import numpy as np
 
 from keras_dbmtl.metrics.delta_p import _direction, _normalise_baselines, delta_p, delta_p_per_task
+from keras_dbmtl.metrics.gradient_statistics import GradientStatistics
 
-__all__ = ["DeltaP", "SkipReport", "BalancerEpochHook", "SKIPPED_STEPS_KEY"]
+__all__ = ["DeltaP", "TaskBalanceMonitor", "SkipReport", "BalancerEpochHook", "SKIPPED_STEPS_KEY"]
 
 #: The log key of the number of skipped training steps.
 SKIPPED_STEPS_KEY = "skipped_steps"
@@ -216,3 +221,182 @@ class DeltaP(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+TAG_PREFIX = "task_balance"
+
+
+def _numpy(value):
+    return np.asarray(keras.ops.convert_to_numpy(value), dtype="float64")
+
+
+class TaskBalanceMonitor(keras.callbacks.Callback):
+    """Logs, per epoch, each task's weight and gradient norm, the pairwise cosines of the task gradients on the
+    shared variables and the number of conflicting pairs (negative cosine): the paper's Figures 8-10.
+
+    Into the History (epoch logs): `cosine_<a>_<b>` for every pair (when T <= `pair_logs_up_to`),
+    `mean_cosine` (over the pairs) and `conflicting_pairs` (mean over the epoch's steps of the number of pairs
+    with a negative cosine); the model already logs `<task>_weight` and `<task>_gradient_norm`. The full T x T
+    matrices of each epoch are kept in `monitor.cosines` and `monitor.gramians` (numpy), for the heat maps of
+    `keras_dbmtl.plotting`. Cosines are epoch means of the per-step cosines.
+
+    With `tensorboard=` a `keras.callbacks.TensorBoard` of the same fit, the same scalars (weights and gradient
+    norms included) go to its train writer under `task_balance/`, per epoch and, with `every_n_steps=N`, every
+    N steps (`task_balance_steps/`; cosines and conflicts averaged over those N steps, weights and norms as the
+    batch logs give them, running epoch means). TensorBoard needs TensorFlow's summary writer and the
+    `tensorboard` package: without them the monitor warns once and keeps logging into the History. The
+    `monitor.steps` list keeps the step records either way.
+
+    How it works: `set_model` gives the model a `keras_dbmtl.metrics.GradientStatistics` (the model's
+    `gradient_statistics` hook; the train function is rebuilt once to include it), which the train step feeds
+    with the Gramian of the per-task gradients it already forms for the logged gradient norms. Cost, measured
+    (CPU, JAX, T = 3, 4.3k shared parameters, DB-MTL, `benchmarks`-style timing of 200 steps): see
+    `MEASURED_COST` below; it is a T x T computation per step, plus one device-to-host copy per epoch (and per
+    N steps). Gradient-level balancers only: a loss-level balancer (EW, UW, DWA, ...) forms no task gradients,
+    and the monitor then logs nothing but warns once.
+
+    ```python
+    import keras, numpy as np, keras_dbmtl
+    encoder = keras.Sequential([keras.layers.Dense(16, activation="relu")])
+    model = keras_dbmtl.MultiTaskModel(encoder=encoder, heads={"a": keras.layers.Dense(1), "b": keras.layers.Dense(1)})
+    model.compile(optimizer="adam", loss="mse", balancer="dbmtl")
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    monitor = keras_dbmtl.callbacks.TaskBalanceMonitor()
+    history = model.fit(x, {"a": x[:, :1], "b": -x[:, :1]}, epochs=2, verbose=0, callbacks=[monitor])
+    print(history.history["cosine_a_b"], history.history["conflicting_pairs"])
+    ```
+
+    Args:
+        every_n_steps: None (per epoch only) or N: also record (and write to TensorBoard) every N steps.
+        tensorboard: None or the `keras.callbacks.TensorBoard` callback of the same fit.
+        pair_logs_up_to: the most tasks for which every pair's cosine gets its own History key (T (T - 1) / 2
+            keys); above it only `mean_cosine` and `conflicting_pairs` (the matrices stay in `monitor.cosines`).
+    """
+
+    MEASURED_COST = "see README (Task-balance monitor)"
+
+    def __init__(self, every_n_steps=None, tensorboard=None, pair_logs_up_to=10):
+        super().__init__()
+        if every_n_steps is not None and int(every_n_steps) < 1:
+            raise ValueError(f"every_n_steps must be None or a positive integer; received {every_n_steps!r}.")
+        if tensorboard is not None and not isinstance(tensorboard, keras.callbacks.TensorBoard):
+            raise ValueError("`tensorboard` must be the keras.callbacks.TensorBoard callback passed to the same "
+                             f"fit; received {tensorboard!r}.")
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self.tensorboard = tensorboard
+        self.pair_logs_up_to = int(pair_logs_up_to)
+        self.epochs, self.cosines, self.gramians, self.steps = [], [], [], []
+        self._statistics = None
+        self._window = None
+        self._epoch_sums = None                            # the training epoch's sums, kept before validation
+        self._in_epoch = False
+        self._global_step = 0
+        self._writer_failed = False
+        self._warned_loss_level = False
+        if self.every_n_steps is not None:
+            # Only then a batch hook: Keras skips the per-batch callback work (a host copy of the logs every step,
+            # which costs TensorFlow most) when no callback overrides it.
+            self.on_train_batch_end = self._record_steps
+
+    # ------------------------------------------------------------------ wiring
+    def set_model(self, model):
+        super().set_model(model)
+        if not hasattr(model, "task_names") or not hasattr(model, "gradient_statistics"):
+            raise ValueError("TaskBalanceMonitor works with a keras_dbmtl.MultiTaskModel; received "
+                             f"{type(model).__name__}.")
+        statistics = model.gradient_statistics
+        if not isinstance(statistics, GradientStatistics) or statistics.num_tasks != len(model.task_names):
+            model.gradient_statistics = GradientStatistics(len(model.task_names))
+            model.train_function = None                    # rebuilt by fit, now with the metric's update
+        self._statistics = model.gradient_statistics
+
+    def _gradient_level(self):
+        balancer = getattr(self.model, "balancer", None)
+        if balancer is not None and not balancer.uses_task_gradients:
+            if not self._warned_loss_level:
+                self._warned_loss_level = True
+                warnings.warn(f"TaskBalanceMonitor: balancer {type(balancer).__name__} weighs the losses and forms "
+                              "no per-task gradients, so there are no gradient norms or cosines to log. Use a "
+                              "gradient-level balancer (e.g. 'dbmtl') to see them.", RuntimeWarning, stacklevel=2)
+            return False
+        return True
+
+    def _sums(self):
+        s = self._statistics
+        gramian, cosine, conflicts, steps = (_numpy(v) for v in s.split_totals(s.totals.value, s.num_tasks))
+        return {"cosine": cosine, "gramian": gramian, "conflicts": float(conflicts), "steps": float(steps)}
+
+    # ------------------------------------------------------------------ logs
+    def _pair_values(self, cosine, conflicts):
+        tasks = self.model.task_names
+        values = {}
+        if len(tasks) <= self.pair_logs_up_to:
+            for i, j in itertools.combinations(range(len(tasks)), 2):
+                values[f"cosine_{tasks[i]}_{tasks[j]}"] = float(cosine[i, j])
+        off_diagonal = cosine[~np.eye(len(tasks), dtype=bool)]
+        values["mean_cosine"] = float(off_diagonal.mean()) if off_diagonal.size else 1.0
+        values["conflicting_pairs"] = float(conflicts)
+        return values
+
+    def _task_values(self, logs):
+        keys = [f"{t}_{kind}" for t in self.model.task_names for kind in ("weight", "gradient_norm")]
+        return {k: float(logs[k]) for k in keys if logs and k in logs}
+
+    def _write(self, prefix, values, step):
+        if self.tensorboard is None or self._writer_failed or not values:
+            return
+        try:
+            summary = self.tensorboard.summary
+            with self.tensorboard._train_writer.as_default():
+                for key, value in values.items():
+                    summary.scalar(f"{prefix}/{key}", value, step=int(step))
+        except Exception as error:  # noqa: BLE001 - only the "TensorBoard is not installed" kinds are caught
+            if not (isinstance(error, ImportError) or type(error).__name__ == "TBNotInstalledError"):
+                raise
+            self._writer_failed = True
+            warnings.warn(f"TaskBalanceMonitor: cannot write to TensorBoard ({error}); the values stay in the "
+                          "History and in the monitor. Install tensorflow and tensorboard to write event files.",
+                          RuntimeWarning, stacklevel=2)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._window = {"cosine": 0.0, "conflicts": 0.0, "steps": 0.0}
+        self._epoch_sums = None
+        self._in_epoch = True
+
+    def on_test_begin(self, logs=None):
+        # fit's validation resets every metric of the model, ours too: keep the training epoch's sums first
+        if self._in_epoch and self._epoch_sums is None and self._gradient_level():
+            self._epoch_sums = self._sums()
+
+    def _record_steps(self, batch, logs=None):
+        self._global_step += 1
+        if self.every_n_steps is None or self._global_step % self.every_n_steps or not self._gradient_level():
+            return
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None and keras.backend.backend() == "jax":
+            sync()                                         # JAX keeps the state outside the variables mid-epoch
+        sums = self._sums()
+        steps = sums["steps"] - self._window["steps"]
+        if steps <= 0:
+            return
+        cosine = (sums["cosine"] - self._window["cosine"]) / steps
+        conflicts = (sums["conflicts"] - self._window["conflicts"]) / steps
+        self._window = {"cosine": sums["cosine"], "conflicts": sums["conflicts"], "steps": sums["steps"]}
+        values = {**self._task_values(logs), **self._pair_values(cosine, conflicts)}
+        self.steps.append({"step": self._global_step, "cosine": cosine, **values})
+        self._write(f"{TAG_PREFIX}_steps", values, self._global_step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        sums, self._epoch_sums, self._in_epoch = self._epoch_sums, None, False
+        if logs is None or not self._gradient_level():
+            return
+        sums = sums if sums is not None else self._sums()
+        if sums["steps"] <= 0:                             # every step of the epoch was skipped
+            return
+        cosine, gramian = sums["cosine"] / sums["steps"], sums["gramian"] / sums["steps"]
+        values = self._pair_values(cosine, sums["conflicts"] / sums["steps"])
+        logs.update(values)
+        self.epochs.append(epoch)
+        self.cosines.append(cosine)
+        self.gramians.append(gramian)
+        self._write(TAG_PREFIX, {**self._task_values(logs), **values}, epoch)

@@ -27,39 +27,18 @@ assert cross_stitch_task_layers(tasks)["depth"][0] == "depth_stem"
 """
 
 import keras
-import numpy as np
-from keras import ops
+
+from keras_dbmtl import architectures
 
 
 @keras.saving.register_keras_serializable(package="keras_dbmtl_scene")
-class CrossStitch(keras.layers.Layer):
-    """Linear mixing of T same-shaped feature maps with a learnable T x T matrix."""
+class CrossStitch(architectures.CrossStitch):
+    """The library's cross-stitch unit (`keras_dbmtl.architectures.CrossStitch`: linear mixing of T same-shaped
+    feature maps with a learnable T x T matrix) with the reference's initialisation (1, 1), registered under its
+    earlier name so that saved scene models still load."""
 
     def __init__(self, num_tasks, self_weight=1.0, other_weight=1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.num_tasks = int(num_tasks)
-        self.self_weight = float(self_weight)
-        self.other_weight = float(other_weight)
-
-    def build(self, input_shape):
-        initial = np.full((self.num_tasks, self.num_tasks), self.other_weight, "float32")
-        np.fill_diagonal(initial, self.self_weight)
-        self.alpha = self.add_weight(shape=(self.num_tasks, self.num_tasks),
-                                     initializer=keras.initializers.Constant(initial), name="alpha")
-
-    def call(self, inputs):
-        if len(inputs) != self.num_tasks:
-            raise ValueError(f"CrossStitch expects {self.num_tasks} feature maps, got {len(inputs)}.")
-        stacked = ops.stack(inputs, axis=0)                       # (T, B, H, W, C)
-        mixed = ops.tensordot(ops.cast(self.alpha, stacked.dtype), stacked, axes=1)
-        return [mixed[t] for t in range(self.num_tasks)]
-
-    def compute_output_shape(self, input_shape):
-        return [tuple(input_shape[0])] * self.num_tasks
-
-    def get_config(self):
-        return {**super().get_config(), "num_tasks": self.num_tasks, "self_weight": self.self_weight,
-                "other_weight": self.other_weight}
+        super().__init__(num_tasks, self_weight=self_weight, other_weight=other_weight, **kwargs)
 
 
 def cross_stitch_task_layers(tasks, num_stages=4):

@@ -12,6 +12,9 @@ Stateful Keras metrics (accumulate over an epoch, jit-safe, exact counts):
 - classification: :class:`ClassificationAccuracy` (``accuracy``)
 - regression: :class:`DenormalizedMAE` (``mae``)
 
+Training diagnostics: :class:`GradientStatistics` (the task gradients' Gramian and cosines, fed by the model;
+see ``keras_dbmtl.callbacks.TaskBalanceMonitor``).
+
 Delta_p: :func:`delta_p`, :func:`delta_p_per_task` and the :class:`DeltaP`
 callback (writes ``val_delta_p``).
 """
@@ -22,6 +25,7 @@ from keras_dbmtl.metrics.delta_p import delta_p
 from keras_dbmtl.metrics.delta_p import delta_p_per_task
 from keras_dbmtl.metrics.depth import DepthAbsError
 from keras_dbmtl.metrics.depth import DepthRelError
+from keras_dbmtl.metrics.gradient_statistics import GradientStatistics
 from keras_dbmtl.metrics.normals import NormalAngleMean
 from keras_dbmtl.metrics.normals import NormalAngleMedian
 from keras_dbmtl.metrics.normals import NormalWithinAngle
@@ -55,6 +59,7 @@ __all__ = [
     "DenormalizedMAE",
     "DepthAbsError",
     "DepthRelError",
+    "GradientStatistics",
     "NormalAngleMean",
     "NormalAngleMedian",
     "NormalWithinAngle",
