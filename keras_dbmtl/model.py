@@ -314,29 +314,8 @@ class MultiTaskModel(keras.Model):
         if kwargs.get("weighted_metrics"):
             raise ValueError("weighted_metrics is not supported by MultiTaskModel; pass sample weights per task.")
         balancer_obj = registry.get(balancer)
-        if _is_dict(loss):
-            self._check_task_keys(loss, "loss")
-            loss_specs = {task: loss[task] for task in self.task_names}
-        else:
-            loss_specs = {task: loss for task in self.task_names}
-        self._task_losses_fns = {task: self._make_loss(task, spec) for task, spec in loss_specs.items()}
-        if loss_weights is not None:
-            if not _is_dict(loss_weights):
-                raise ValueError("loss_weights must be a dict task -> float for a MultiTaskModel.")
-            if not balancer_obj.accepts_loss_weights:
-                raise ValueError(
-                    f"compile(loss_weights=...) has no effect with balancer {type(balancer_obj).__name__} "
-                    f"(loss_transform={balancer_obj.loss_transform!r}): a constant "
-                    "factor on a task loss vanishes under the log transform and under gradient normalisation. "
-                    "Remove loss_weights, or use balancer='ew' (without loss transform), where they multiply "
-                    "each raw task loss as in Keras."
-                )
-            unknown = sorted(set(loss_weights) - set(self.task_names))
-            if unknown:
-                raise ValueError(f"loss_weights names unknown task(s) {unknown}; the tasks are {self.task_names}.")
-            self._loss_weights_vector = [float(loss_weights.get(t, 1.0)) for t in self.task_names]
-        else:
-            self._loss_weights_vector = None
+        self._task_losses_fns = self._task_loss_functions(loss)
+        self._loss_weights_vector = self._loss_weights_for(loss_weights, balancer_obj)
         if metrics is not None and _is_dict(metrics):
             self._check_task_keys(metrics, "metrics", require_all=False)
         self._vectorize = vectorize_jacobian
@@ -350,16 +329,39 @@ class MultiTaskModel(keras.Model):
             }
             self._skip_tracker = keras.metrics.Sum(name=SKIPPED_STEPS_KEY)
             self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
-                optimizer=optimizer,
-                loss=loss,
-                metrics=metrics,
-                loss_weights=loss_weights,
-                balancer=balancer_obj,
+                optimizer=optimizer, loss=loss, metrics=metrics, loss_weights=loss_weights, balancer=balancer_obj,
                 vectorize_jacobian=vectorize_jacobian,
                 **{k: v for k, v in kwargs.items() if k in ("jit_compile", "run_eagerly", "steps_per_execution")},
             )
         if self.built:
             self._build_balancer()
+
+    def _task_loss_functions(self, loss):
+        if _is_dict(loss):
+            self._check_task_keys(loss, "loss")
+            loss_specs = {task: loss[task] for task in self.task_names}
+        else:
+            loss_specs = {task: loss for task in self.task_names}
+        return {task: self._make_loss(task, spec) for task, spec in loss_specs.items()}
+
+    def _loss_weights_for(self, loss_weights, balancer):
+        """compile(loss_weights=...) as a list in task order (None without), checked against the balancer."""
+        if loss_weights is None:
+            return None
+        if not _is_dict(loss_weights):
+            raise ValueError("loss_weights must be a dict task -> float for a MultiTaskModel.")
+        if not balancer.accepts_loss_weights:
+            raise ValueError(
+                f"compile(loss_weights=...) has no effect with balancer {type(balancer).__name__} "
+                f"(loss_transform={balancer.loss_transform!r}): a constant "
+                "factor on a task loss vanishes under the log transform and under gradient normalisation. "
+                "Remove loss_weights, or use balancer='ew' (without loss transform), where they multiply "
+                "each raw task loss as in Keras."
+            )
+        unknown = sorted(set(loss_weights) - set(self.task_names))
+        if unknown:
+            raise ValueError(f"loss_weights names unknown task(s) {unknown}; the tasks are {self.task_names}.")
+        return [float(loss_weights.get(t, 1.0)) for t in self.task_names]
 
     def _make_loss(self, task, spec):
         loss = keras.losses.get(spec)
