@@ -11,10 +11,13 @@ x = keras.random.normal((64, 8))
 model.fit(x, {"a": keras.random.normal((64, 1)), "b": keras.random.normal((64, 1))}, epochs=2)
 ```
 
-One training step, written once with `keras.ops` for every backend:
+One training step, written once with `keras.ops` for every backend, as named stages (`_balanced_train_step`):
 
-    batch -> forward (once) -> task losses -> loss transform -> task gradients (keras_dbmtl.gradients, the only
-    backend code) -> balancer -> one optimizer update of shared, task-specific and balancer variables.
+    batch -> forward (once) and task losses, raw and transformed      _forward_stage
+          -> task gradients (global batch; keras_dbmtl.gradients)       _task_gradients_stage
+          -> balance (the balancer: weights, direction)                 _balance_stage
+          -> apply (one optimizer update of shared, task-specific       _apply_stage (+ _metrics_stage)
+             and balancer variables)
 """
 
 import collections
@@ -124,11 +127,11 @@ class _SelectSkip:
         self.variables, self.skip_tracker = variables, skip_tracker
         self.previous = gradient_backends.snapshot(variables)       # before the forward pass
 
-    def run(self, finite, apply, skipped_logs):
+    def run(self, finite, apply, step_logs):
         apply(mask=finite)
         gradient_backends.keep_where(finite, self.variables, self.previous)
         self.skip_tracker.update_state(1.0 - ops.cast(finite, "float32"))
-        return skipped_logs()
+        return step_logs()
 
 
 class _BranchSkip:
@@ -140,7 +143,7 @@ class _BranchSkip:
         self.variables, self.skip_tracker, self.metric_logs = variables, skip_tracker, metric_logs
         self.previous = [ops.copy(v.value) for v in variables]     # before the forward pass
 
-    def run(self, finite, apply, skipped_logs):
+    def run(self, finite, apply, step_logs):
         def applied():
             apply(mask=None)
             return self.metric_logs()
@@ -149,7 +152,7 @@ class _BranchSkip:
             for v, old in zip(self.variables, self.previous):
                 v.assign(old)
             self.skip_tracker.update_state(1.0)
-            return skipped_logs()
+            return step_logs()
 
         return ops.cond(finite, applied, skipped)
 
