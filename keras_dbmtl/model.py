@@ -11,10 +11,13 @@ x = keras.random.normal((64, 8))
 model.fit(x, {"a": keras.random.normal((64, 1)), "b": keras.random.normal((64, 1))}, epochs=2)
 ```
 
-One training step, written once with `keras.ops` for every backend:
+One training step, written once with `keras.ops` for every backend, as named stages (`_balanced_train_step`):
 
-    batch -> forward (once) -> task losses -> loss transform -> task gradients (keras_dbmtl.gradients, the only
-    backend code) -> balancer -> one optimizer update of shared, task-specific and balancer variables.
+    batch -> forward (once) and task losses, raw and transformed      _forward_stage
+          -> task gradients (global batch; keras_dbmtl.gradients)       _task_gradients_stage
+          -> balance (the balancer: weights, direction)                 _balance_stage
+          -> apply (one optimizer update of shared, task-specific       _apply_stage (+ _metrics_stage)
+             and balancer variables)
 """
 
 import collections
@@ -124,11 +127,11 @@ class _SelectSkip:
         self.variables, self.skip_tracker = variables, skip_tracker
         self.previous = gradient_backends.snapshot(variables)       # before the forward pass
 
-    def run(self, finite, apply, skipped_logs):
+    def run(self, finite, apply, step_logs):
         apply(mask=finite)
         gradient_backends.keep_where(finite, self.variables, self.previous)
         self.skip_tracker.update_state(1.0 - ops.cast(finite, "float32"))
-        return skipped_logs()
+        return step_logs()
 
 
 class _BranchSkip:
@@ -140,7 +143,7 @@ class _BranchSkip:
         self.variables, self.skip_tracker, self.metric_logs = variables, skip_tracker, metric_logs
         self.previous = [ops.copy(v.value) for v in variables]     # before the forward pass
 
-    def run(self, finite, apply, skipped_logs):
+    def run(self, finite, apply, step_logs):
         def applied():
             apply(mask=None)
             return self.metric_logs()
@@ -149,7 +152,7 @@ class _BranchSkip:
             for v, old in zip(self.variables, self.previous):
                 v.assign(old)
             self.skip_tracker.update_state(1.0)
-            return skipped_logs()
+            return step_logs()
 
         return ops.cond(finite, applied, skipped)
 
@@ -314,29 +317,8 @@ class MultiTaskModel(keras.Model):
         if kwargs.get("weighted_metrics"):
             raise ValueError("weighted_metrics is not supported by MultiTaskModel; pass sample weights per task.")
         balancer_obj = registry.get(balancer)
-        if _is_dict(loss):
-            self._check_task_keys(loss, "loss")
-            loss_specs = {task: loss[task] for task in self.task_names}
-        else:
-            loss_specs = {task: loss for task in self.task_names}
-        self._task_losses_fns = {task: self._make_loss(task, spec) for task, spec in loss_specs.items()}
-        if loss_weights is not None:
-            if not _is_dict(loss_weights):
-                raise ValueError("loss_weights must be a dict task -> float for a MultiTaskModel.")
-            if not balancer_obj.accepts_loss_weights:
-                raise ValueError(
-                    f"compile(loss_weights=...) has no effect with balancer {type(balancer_obj).__name__} "
-                    f"(loss_transform={balancer_obj.loss_transform!r}): a constant "
-                    "factor on a task loss vanishes under the log transform and under gradient normalisation. "
-                    "Remove loss_weights, or use balancer='ew' (without loss transform), where they multiply "
-                    "each raw task loss as in Keras."
-                )
-            unknown = sorted(set(loss_weights) - set(self.task_names))
-            if unknown:
-                raise ValueError(f"loss_weights names unknown task(s) {unknown}; the tasks are {self.task_names}.")
-            self._loss_weights_vector = [float(loss_weights.get(t, 1.0)) for t in self.task_names]
-        else:
-            self._loss_weights_vector = None
+        self._task_losses_fns = self._task_loss_functions(loss)
+        self._loss_weights_vector = self._loss_weights_for(loss_weights, balancer_obj)
         if metrics is not None and _is_dict(metrics):
             self._check_task_keys(metrics, "metrics", require_all=False)
         self._vectorize = vectorize_jacobian
@@ -350,16 +332,39 @@ class MultiTaskModel(keras.Model):
             }
             self._skip_tracker = keras.metrics.Sum(name=SKIPPED_STEPS_KEY)
             self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
-                optimizer=optimizer,
-                loss=loss,
-                metrics=metrics,
-                loss_weights=loss_weights,
-                balancer=balancer_obj,
+                optimizer=optimizer, loss=loss, metrics=metrics, loss_weights=loss_weights, balancer=balancer_obj,
                 vectorize_jacobian=vectorize_jacobian,
                 **{k: v for k, v in kwargs.items() if k in ("jit_compile", "run_eagerly", "steps_per_execution")},
             )
         if self.built:
             self._build_balancer()
+
+    def _task_loss_functions(self, loss):
+        if _is_dict(loss):
+            self._check_task_keys(loss, "loss")
+            loss_specs = {task: loss[task] for task in self.task_names}
+        else:
+            loss_specs = {task: loss for task in self.task_names}
+        return {task: self._make_loss(task, spec) for task, spec in loss_specs.items()}
+
+    def _loss_weights_for(self, loss_weights, balancer):
+        """compile(loss_weights=...) as a list in task order (None without), checked against the balancer."""
+        if loss_weights is None:
+            return None
+        if not _is_dict(loss_weights):
+            raise ValueError("loss_weights must be a dict task -> float for a MultiTaskModel.")
+        if not balancer.accepts_loss_weights:
+            raise ValueError(
+                f"compile(loss_weights=...) has no effect with balancer {type(balancer).__name__} "
+                f"(loss_transform={balancer.loss_transform!r}): a constant "
+                "factor on a task loss vanishes under the log transform and under gradient normalisation. "
+                "Remove loss_weights, or use balancer='ew' (without loss transform), where they multiply "
+                "each raw task loss as in Keras."
+            )
+        unknown = sorted(set(loss_weights) - set(self.task_names))
+        if unknown:
+            raise ValueError(f"loss_weights names unknown task(s) {unknown}; the tasks are {self.task_names}.")
+        return [float(loss_weights.get(t, 1.0)) for t in self.task_names]
 
     def _make_loss(self, task, spec):
         loss = keras.losses.get(spec)
