@@ -184,7 +184,7 @@ def main(argv=None):
     results_md = args.results_md or os.path.join(HERE, f"RESULTS{suffix}.md")
     figures = args.figures or os.path.join(HERE, f"figures{suffix}")
     os.makedirs(out_dir, exist_ok=True)
-    command = "cd " + ROOT + " && .venv/bin/python benchmarks/run_all.py" + (" --quick" if args.quick else "")
+    command = ".venv/bin/python benchmarks/run_all.py" + (" --quick" if args.quick else "")
     if args.threads != common.DEFAULT_THREADS:
         command += f" --threads {args.threads}"
     if args.sweep_models:
