@@ -29,6 +29,8 @@ tensors.
 import keras
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
+
 LOSS_TRANSFORMS = (None, "log")
 
 
@@ -124,10 +126,7 @@ class Balancer(keras.layers.Layer):
     def __init__(self, loss_transform=None, eps=1e-8, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if loss_transform not in LOSS_TRANSFORMS:
-            raise ValueError(
-                f"Unknown loss_transform {loss_transform!r}; expected one of {LOSS_TRANSFORMS}."
-            )
+        check_hyperparameters(self, loss_transform=(loss_transform, LOSS_TRANSFORMS), eps=(eps, "(0, inf)"))
         self.loss_transform = loss_transform
         self.eps = float(eps)
         self.num_tasks = None

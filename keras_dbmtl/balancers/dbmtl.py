@@ -23,6 +23,7 @@ The EMA buffers are a (T, P) float32 state variable, `ema_gradients`.
 
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, Balancer
 from keras_dbmtl.balancers.registry import register
 
@@ -53,15 +54,9 @@ class DBMTL(Balancer):
         **kwargs,
     ):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if not 0.0 <= float(beta) < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}.")
-        if float(beta_sigma) < 0.0:
-            raise ValueError(f"beta_sigma must be >= 0, got {beta_sigma}.")
-        if isinstance(scaling, str):
-            if scaling not in SCALINGS:
-                raise ValueError(f"scaling must be one of {SCALINGS} or a positive number, got {scaling!r}.")
-        elif not float(scaling) > 0.0:
-            raise ValueError(f"A constant scaling must be positive, got {scaling}.")
+        check_hyperparameters(self, beta=(beta, "[0, 1)"), beta_sigma=(beta_sigma, "[0, inf)"),
+                              scaling=(scaling, SCALINGS + ("(0, inf)",)),
+                              gradient_balancing=(gradient_balancing, (True, False)))
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
         self.scaling = scaling if isinstance(scaling, str) else float(scaling)
