@@ -18,7 +18,9 @@ One training step, written once with `keras.ops` for every backend:
 """
 
 import math
+import re
 import warnings
+import weakref
 
 import keras
 from keras import ops
@@ -27,6 +29,7 @@ from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import tracking
 
+from keras_dbmtl import _input_checks as input_checks
 from keras_dbmtl import gradients as gradient_backends
 from keras_dbmtl.balancers import base as balancer_base
 from keras_dbmtl.balancers import registry
@@ -36,6 +39,12 @@ SKIPPED_STEPS_KEY = "skipped_steps"
 
 def _is_dict(value):
     return isinstance(value, dict) or (hasattr(value, "keys") and hasattr(value, "items"))
+
+
+def _keras_name(text):
+    """`text` as a name Keras accepts on every backend (TensorFlow's scope names: ASCII letters, digits, `_.-`)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+    return safe if re.match(r"[A-Za-z0-9.]", safe) else "t" + safe
 
 
 def _unique(variables):
@@ -158,12 +167,7 @@ class MultiTaskModel(keras.Model):
     # ------------------------------------------------------------------ forward
     def call(self, inputs, training=None):
         if self.per_task_inputs:
-            if not _is_dict(inputs):
-                raise ValueError(
-                    "This MultiTaskModel has per_task_inputs=True: inputs must be a dict mapping each task "
-                    f"({self.task_names}) to its own batch."
-                )
-            self._check_task_keys(inputs, "inputs")
+            input_checks.check_per_task_inputs(inputs, self.task_names, input_checks.describe)
             return {task: self.heads[task](self.encoder(inputs[task], training=training), training=training)
                     for task in self.task_names}
         features = self.encoder(inputs, training=training)
@@ -171,16 +175,19 @@ class MultiTaskModel(keras.Model):
 
     def build(self, input_shape):
         if self.per_task_inputs:
+            input_checks.check_per_task_inputs(input_shape, self.task_names, lambda s: f"inputs of shape {s}")
             spec = {t: keras.KerasTensor(tuple(input_shape[t])) for t in self.task_names}
         else:
             spec = keras.tree.map_shape_structure(lambda s: keras.KerasTensor(tuple(s)), input_shape)
-        keras.src.backend.compute_output_spec(self.call, spec)
+        outputs = keras.src.backend.compute_output_spec(self.call, spec)
+        self._head_output_shapes = {t: tuple(outputs[t].shape) for t in self.task_names}
         if not getattr(self, "_build_shapes_dict", None):
             self._build_shapes_dict = {"input_shape": input_shape}
-        self.built = True
         # The balancer's state is sized by the shared variables: create it as soon as they exist, so that it is
-        # part of the model's variables before the optimizer is built.
+        # part of the model's variables before the optimizer is built. Before `built`: a balancer's ValueError
+        # (e.g. STL(task="zzz")) must not be lost when torch's shape inference retries the call.
         self._build_balancer()
+        self.built = True
 
     # ------------------------------------------------------------------ variables
     def _task_layer_objects(self):
@@ -247,7 +254,7 @@ class MultiTaskModel(keras.Model):
             )
         if kwargs.get("weighted_metrics"):
             raise ValueError("weighted_metrics is not supported by MultiTaskModel; pass sample weights per task.")
-        balancer_obj = registry.get(balancer)
+        balancer_obj = self._balancer_of_this_model(registry.get(balancer))
         if _is_dict(loss):
             self._check_task_keys(loss, "loss")
             loss_specs = {task: loss[task] for task in self.task_names}
@@ -300,10 +307,27 @@ class MultiTaskModel(keras.Model):
         if loss is None:
             raise ValueError(f"Could not interpret the loss of task {task!r}: {spec!r}.")
         if not isinstance(loss, keras.losses.Loss):
-            loss = LossFunctionWrapper(loss, name=f"{task}_loss_fn")
+            loss = LossFunctionWrapper(loss, name=_keras_name(f"{task}_loss_fn"))
         return loss
 
+    def _balancer_of_this_model(self, balancer):
+        """A balancer object already compiled into another model (or built) carries that model's state (step
+        counter, EMAs) and sizes: this model gets a fresh copy from its config, as if it were created anew."""
+        owner = getattr(balancer, "_compiled_into", None)
+        if owner is not None and owner() is self:
+            return balancer
+        if owner is None and not balancer.built:
+            return balancer
+        try:
+            return type(balancer).from_config(balancer.get_config())
+        except Exception as error:
+            raise ValueError(
+                f"The balancer {balancer.name!r} was already compiled into another model, and a fresh copy could "
+                f"not be made from its get_config() ({error}). Create one balancer object per model."
+            ) from error
+
     def _attach_balancer(self, balancer):
+        object.__setattr__(balancer, "_compiled_into", weakref.ref(self))
         locked = self._tracker.locked
         self._tracker.unlock()
         if self.balancer is not None and self.balancer is not balancer:
@@ -367,6 +391,10 @@ class MultiTaskModel(keras.Model):
                 f"({self.task_names}); received {type(y).__name__}."
             )
         self._check_task_keys(y, "targets")
+        output_shapes = getattr(self, "_head_output_shapes", None) or {}
+        for task in self.task_names:
+            input_checks.check_target_present(task, y[task])
+            input_checks.check_target_shape(task, y[task], output_shapes.get(task), self._task_losses_fns[task])
 
     # ------------------------------------------------------------------ losses
     def _task_losses(self, y, y_pred, sample_weight):
@@ -648,11 +676,50 @@ class MultiTaskModel(keras.Model):
             return self._run_stateless(self._balanced_test_step, state, data, groups)
         return self._balanced_test_step(args[0])
 
-    def fit(self, *args, callbacks=None, **kwargs):
+    def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
+        self._check_fit_arguments(x, y)
         callbacks = list(callbacks or [])
         callbacks.insert(0, _SkipReport(self))
         callbacks.insert(1, _BalancerEpochHook(self))
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        callbacks.insert(2, input_checks.EmptyDataCheck())
+        self._build_at_fit_start = any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)
+        return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+
+    def _check_fit_arguments(self, x, y):
+        """What can be checked before any work: array data with no sample, a target None, per-task inputs."""
+        if _is_dict(y):
+            self._check_task_keys(y, "targets")
+            for task in self.task_names:
+                input_checks.check_target_present(task, y[task])
+        if self.per_task_inputs and (_is_dict(x) or hasattr(x, "shape")):
+            input_checks.check_per_task_inputs(x, self.task_names, input_checks.describe)
+        if input_checks.num_samples(x) == 0:
+            raise ValueError(input_checks.EMPTY_DATA.format(what="training") + " (x has 0 samples)")
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        # Keras takes the first batch of `iterator` here: an empty dataset gets a clear error.
+        if iterator is not None and data_batch is None:
+            iterator = input_checks.NonEmpty(iterator)
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # TensorFlow builds a model at the first trace of its step, after `on_train_begin`: with a callback that
+        # needs a built model (BackupAndRestore), build it at the start of `fit`, as JAX and torch do.
+        if (getattr(self, "_build_at_fit_start", False) and iterator is not None and not self.built
+                and getattr(self, "_distribute_strategy", None) is None):
+            return self._symbolic_build(iterator=iterator)
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        try:
+            return super().load_weights(filepath, *args, **kwargs)
+        except OSError as error:                # still an OSError: BackupAndRestore(double_checkpoint=True) retries
+            raise OSError(
+                f"Could not read the weights file {str(filepath)!r}: {error}. The file is damaged, e.g. truncated "
+                "by a process killed while writing it. Delete it to start over; "
+                "keras.callbacks.BackupAndRestore(..., double_checkpoint=True) keeps the previous backup and "
+                "falls back to it."
+            ) from error
 
     # ------------------------------------------------------------------ export
     def export(self, filepath, format="tf_saved_model", **kwargs):
