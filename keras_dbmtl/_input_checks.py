@@ -156,12 +156,14 @@ class EmptyDataCheck(keras.callbacks.Callback):
     """An epoch of `fit` that saw no batch (an empty dataset on a model already built) raises instead of
     returning an empty History."""
 
+    saw_no_batch = False
+
     def on_train_begin(self, logs=None):
-        self._seen = False
+        self.saw_no_batch = True
 
     def on_train_batch_end(self, batch, logs=None):
-        self._seen = True
+        self.saw_no_batch = False
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self._seen:
+        if self.saw_no_batch:
             raise ValueError(EMPTY_DATA.format(what="training"))

@@ -420,6 +420,7 @@ class MultiTaskModel(keras.Model):
         # are partitioned into shared and task-specific.
         if not self.built or (self.balancer is not None and not self.balancer.built):
             self._symbolic_build(data_batch=data)
+            self._check_targets(data_adapter_utils.unpack_x_y_sample_weight(data)[1])   # now against the heads
 
     def _forward_state_variables(self):
         """Variables the forward pass itself may change (batch-norm statistics, seed generators, the state of a
@@ -681,9 +682,15 @@ class MultiTaskModel(keras.Model):
         callbacks = list(callbacks or [])
         callbacks.insert(0, _SkipReport(self))
         callbacks.insert(1, _BalancerEpochHook(self))
-        callbacks.insert(2, input_checks.EmptyDataCheck())
+        empty_check = input_checks.EmptyDataCheck()
+        callbacks.insert(2, empty_check)
         self._build_at_fit_start = any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)
-        return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+        try:
+            return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+        except UnboundLocalError as error:        # Keras' JAX loop after an epoch without a batch
+            if empty_check.saw_no_batch:
+                raise ValueError(input_checks.EMPTY_DATA.format(what="training")) from error
+            raise
 
     def _check_fit_arguments(self, x, y):
         """What can be checked before any work: array data with no sample, a target None, per-task inputs."""
