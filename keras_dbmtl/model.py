@@ -678,7 +678,10 @@ class MultiTaskModel(keras.Model):
         return self._balanced_test_step(args[0])
 
     def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
-        self._check_fit_arguments(x, y)
+        self._check_fit_arguments(x, y, kwargs.get("sample_weight"))
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, (list, tuple)) and len(validation) in (2, 3):
+            self._check_fit_arguments(*validation, what="validation")
         callbacks = list(callbacks or [])
         callbacks.insert(0, _SkipReport(self))
         callbacks.insert(1, _BalancerEpochHook(self))
@@ -692,16 +695,28 @@ class MultiTaskModel(keras.Model):
                 raise ValueError(input_checks.EMPTY_DATA.format(what="training")) from error
             raise
 
-    def _check_fit_arguments(self, x, y):
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self._check_fit_arguments(x, y, kwargs.get("sample_weight"), what="evaluation")
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def _check_fit_arguments(self, x, y, sample_weight=None, what="training"):
         """What can be checked before any work: array data with no sample, a target None, per-task inputs."""
         if _is_dict(y):
             self._check_task_keys(y, "targets")
             for task in self.task_names:
                 input_checks.check_target_present(task, y[task])
+        if _is_dict(sample_weight):
+            self._check_task_keys(sample_weight, "sample weights", require_all=False)
         if self.per_task_inputs and (_is_dict(x) or hasattr(x, "shape")):
             input_checks.check_per_task_inputs(x, self.task_names, input_checks.describe)
+        elif _is_dict(x) and set(x) and set(x) <= set(self.task_names) and not isinstance(self.encoder, keras.Model):
+            raise ValueError(
+                f"x is a dict keyed by task names ({sorted(x)}) but this MultiTaskModel has per_task_inputs=False: "
+                "one input runs through the encoder for every task. Pass MultiTaskModel(..., per_task_inputs=True) "
+                "for one batch per task, or give x as one array."
+            )
         if input_checks.num_samples(x) == 0:
-            raise ValueError(input_checks.EMPTY_DATA.format(what="training") + " (x has 0 samples)")
+            raise ValueError(input_checks.EMPTY_DATA.format(what=what) + " (x has 0 samples)")
 
     def _symbolic_build(self, iterator=None, data_batch=None):
         # Keras takes the first batch of `iterator` here: an empty dataset gets a clear error.

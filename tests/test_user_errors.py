@@ -55,6 +55,8 @@ def test_target_shape_is_checked_against_the_head():
 def test_target_none_names_the_task():
     with pytest.raises(ValueError, match=r"target of task 'b' is None.*sample_weight"):
         fit(make(), X, {"a": Y1, "b": None})
+    with pytest.raises(ValueError, match=r"sample weights carry unknown task\(s\) \['zz'\]"):
+        fit(make(), X, {"a": Y1, "b": Y2}, sample_weight={"a": np.ones(32), "zz": np.ones(32)})
 
 
 def test_empty_data_is_a_clear_error():
@@ -65,11 +67,15 @@ def test_empty_data_is_a_clear_error():
         fit(make(), X[:0], empty)
     with pytest.raises(ValueError, match="yielded no batch"):
         fit(make(), tf.data.Dataset.from_tensor_slices((X[:0], empty)).batch(8), None)
+    with pytest.raises(ValueError, match="validation data yielded no batch"):
+        fit(make(), X, {"a": Y1, "b": Y2}, validation_data=(X[:0], empty))
     # A model already built and fitted once: the second fit on an empty dataset does not return an empty History.
     model = make()
     fit(model, X, {"a": Y1, "b": Y2})
     with pytest.raises(ValueError, match="yielded no batch"):
         model.fit(tf.data.Dataset.from_tensor_slices((X[:0], empty)).batch(8), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="evaluation data yielded no batch"):
+        model.evaluate(X[:0], empty, verbose=0)
 
 
 def test_per_task_inputs_errors_name_the_mistake():
@@ -77,6 +83,8 @@ def test_per_task_inputs_errors_name_the_mistake():
         fit(make(per_task_inputs=True), {"a": X}, {"a": Y1, "b": Y2})
     with pytest.raises(ValueError, match=r"per_task_inputs=True: x must be a dict.*ndarray of shape \(32, 4\)"):
         fit(make(per_task_inputs=True), X, {"a": Y1, "b": Y2})
+    with pytest.raises(ValueError, match=r"x is a dict keyed by task names.*per_task_inputs=True"):
+        fit(make(), {"a": X, "b": X}, {"a": Y1, "b": Y2})
     history = fit(make(per_task_inputs=True), {"a": X, "b": X[::-1].copy()}, {"a": Y1, "b": Y2[::-1].copy()})
     assert np.isfinite(history.history["loss"][0])
 
