@@ -89,7 +89,7 @@ def _mpnn_classes():
                 h, c = self.lstm(q_star, (h, c))
                 q = h
                 score = (x * q[node_graph]).sum(-1)
-                shift = torch.full((segments,), float("-inf"), dtype=x.dtype)
+                shift = torch.full((segments,), float("-inf"), dtype=x.dtype, device=x.device)
                 shift = shift.scatter_reduce(0, node_graph, score.detach(), "amax", include_self=True)
                 shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
                 weight = torch.exp(score - shift[node_graph])
@@ -139,13 +139,19 @@ def TorchMPNN(*args, **kwargs):  # noqa: N802 - class factory (torch is imported
     return _mpnn_classes()(*args, **kwargs)
 
 
+def _device():
+    import torch
+
+    return torch.device("cuda" if common.on_gpu() and torch.cuda.is_available() else "cpu")
+
+
 def _to_torch(x):
     import numpy as np
     import torch
 
     if isinstance(x, dict):
         return {k: _to_torch(v) for k, v in x.items()}
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(np.ascontiguousarray(x)).to(_device())
 
 
 class PlainMTL:
@@ -159,6 +165,9 @@ class PlainMTL:
         self.encoder, heads = _torch_modules(model_name)
         self.task_names = [name for name, _, _ in heads]
         self.heads = torch.nn.ModuleList([module for _, module, _ in heads])
+        self.device = _device()
+        self.encoder.to(self.device)
+        self.heads.to(self.device)
         self.loss_fns = [fn for _, _, fn in heads]
         x, y = common.make_data(model_name)
         if model_name == "conv":
@@ -174,7 +183,7 @@ class PlainMTL:
         self.optimizer = torch.optim.Adam(params, lr=lr)
         self.beta, self.beta_sigma = beta, beta_sigma
         self.k = 0
-        self.grad_buffer = torch.zeros(self.num_tasks, self.grad_dim)
+        self.grad_buffer = torch.zeros(self.num_tasks, self.grad_dim, device=self.device)
 
     def state_bytes(self):
         """Bytes of the training state: parameters, their .grad, Adam's two moments, the EMA buffer."""
@@ -209,7 +218,7 @@ class PlainMTL:
         else:
             self.k += 1
             log_losses = torch.log(losses + 1e-8)
-            grads = torch.zeros(self.num_tasks, self.grad_dim)
+            grads = torch.zeros(self.num_tasks, self.grad_dim, device=self.device)
             for t in range(self.num_tasks):
                 log_losses[t].backward(retain_graph=(t + 1) != self.num_tasks)
                 self._grad2vec(grads[t])
@@ -227,6 +236,15 @@ class PlainMTL:
 # --------------------------------------------------------------------------- benchmark
 
 
+def _synchronised(step):
+    def run():
+        out = step()
+        common.synchronize(out)
+        return out
+
+    return run
+
+
 def time_model(model_name, repeats, rounds, warmup):
     functions = {}
     x, y = common.make_data(model_name)
@@ -238,7 +256,7 @@ def time_model(model_name, repeats, rounds, warmup):
         keras_models[method] = model
         plain = PlainMTL(model_name, method)
         plain.step()
-        functions[f"plain_{method}"] = plain.step
+        functions[f"plain_{method}"] = _synchronised(plain.step)
     timings = common.interleaved_medians(functions, repeats=repeats, rounds=rounds, warmup=warmup)
     ms = {k: 1e3 * v["median"] for k, v in timings.items()}
     wall = {k: 1e3 * v["wall"] for k, v in timings.items()}

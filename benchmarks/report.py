@@ -267,23 +267,35 @@ def write(out_dir, results_md, fig_dir, command):
     add(command)
     add("```")
     add("")
-    add(f"- Machine: {machine.get('nproc', '?')} CPU cores ({machine.get('cpu', '?')}), CPU only, shared with "
-        f"other jobs (load average at the end {', '.join(machine.get('loadavg', []))}); {machine.get('platform', '')}.")
+    if machine.get("gpu"):
+        add(f"- Machine: one **{machine['gpu']}** GPU (JAX and torch backends only: TensorFlow is not installed there), "
+            f"{machine.get('nproc', '?')} CPU cores ({machine.get('cpu', '?')}); {machine.get('platform', '')}. "
+            "Clock: **wall time** per step, each step synchronised with the device (`common.synchronize`); "
+            "medians over repeated steps after warm-up, each framework with its default threads; configurations "
+            "compared with each other are timed in one process, round-robin (`common.interleaved_medians`), one job "
+            "at a time on the GPU.")
+    else:
+        add(f"- Machine: {machine.get('nproc', '?')} CPU cores ({machine.get('cpu', '?')}), CPU only, shared with "
+            f"other jobs (load average at the end {', '.join(machine.get('loadavg', []))}); "
+            f"{machine.get('platform', '')}.")
     add(f"- Versions: Python {machine.get('python', '?')}, keras {versions.get('keras', '?')}, TensorFlow "
         f"{versions.get('tensorflow', '?')}, torch {versions.get('torch', '?')}, JAX {versions.get('jax', '?')}.")
-    if run:
+    if run and machine.get("gpu"):
+        add(f"- Wall time of this run: {run.get('wall_s', 0) / 60:.1f} min (started {run.get('started')}).")
+    elif run:
         cpu = run.get("cpu_s")
         add(f"- Wall time of this run: {run.get('wall_s', 0) / 60:.1f} min ({run.get('jobs')} jobs side by side, "
             f"started {run.get('started')})"
             + (f"; CPU time of all its processes {cpu / 60:.1f} min, i.e. about {cpu / 120:.0f} min of wall time "
                "on 2 otherwise idle cores." if cpu else "."))
     any_result = next((r for r in results.values() if not r.get("pending")), {})
-    add(f"- Clock: **CPU time** of the benchmark process per step (`time.process_time`, all threads), median over "
-        f"repeated steps after warm-up; each process runs its framework with {any_result.get('threads', 1)} compute "
-        "thread(s). On a machine whose 2 cores are shared with other jobs, a step's CPU time does not depend on how "
-        "often the process is descheduled, its wall time does; the wall-clock medians are in the JSON files "
-        "(`wall_ms`, `ratio_to_ew_wall`) and agree where the machine was quiet. Configurations compared with each "
-        "other are timed in one process, round-robin (`common.interleaved_medians`).")
+    if not machine.get("gpu"):
+        add(f"- Clock: **CPU time** of the benchmark process per step (`time.process_time`, all threads), median over "
+            f"repeated steps after warm-up; each process runs its framework with {any_result.get('threads', 1)} compute "
+            "thread(s). On a machine whose 2 cores are shared with other jobs, a step's CPU time does not depend on how "
+            "often the process is descheduled, its wall time does; the wall-clock medians are in the JSON files "
+            "(`wall_ms`, `ratio_to_ew_wall`) and agree where the machine was quiet. Configurations compared with each "
+            "other are timed in one process, round-robin (`common.interleaved_medians`).")
     add("- What is timed: the model's compiled train function called directly on one fixed batch "
         "(`model.train_function(...)`; for JAX with the state threaded by hand, as `fit` does) — see the overhead "
         "table for why not `train_on_batch`. Modes: **TF graph** = `tf.function` without XLA (Keras' default on a "

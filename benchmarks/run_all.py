@@ -65,6 +65,13 @@ QUICK = dict(
     memory_libmtl_models=["dense-T3"],
 )
 QUICK_CORE = ("ew", "dbmtl", "uw", "imtl_g")
+# --gpu: the JAX and torch jobs on a GPU (no TensorFlow there), wall-clock timing synchronised with the device, the
+# paper's QM9 model (common.QM9_PAPER), one job at a time so that jobs do not share the GPU; no CPU-memory job.
+GPU = dict(FULL, sweep_models=[], core_models=["qm9", "conv", "dense-T11"], core_balancers=["ew", "dbmtl", "pcgrad", "mgda"],
+           qm9_balancers=["ew", "dbmtl", "pcgrad", "mgda"], jacobian_models=[], overhead_model=None,
+           check_host_model="dense-T11", memory_models=[], memory_libmtl_models=[], eager_models=[],
+           libmtl_models=["qm9", "conv", "dense-T11"], repeats=6, rounds=3, warmup=2)
+GPU_JOBS = ("torch", "jax")
 
 JOBS = {  # name -> (backend, step-time modes, jacobian modes, libmtl)
     "tf-xla": ("tensorflow", ["tf-xla"], ["tf-xla"], False),
@@ -161,6 +168,8 @@ def _load(out_dir, prefix):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~2-3 minutes: dense-T3, a few balancers")
+    parser.add_argument("--gpu", action="store_true",
+                        help="on a GPU: JAX and torch jobs, wall clock, the paper's QM9 model; writes RESULTS_gpu.md")
     parser.add_argument("--jobs", type=int, default=2, help="benchmark processes at a time (default 2)")
     parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS,
                         help="compute threads per process (default 1; 0 = each framework's default)")
@@ -179,20 +188,26 @@ def main(argv=None):
     if args.worker:
         worker(args.worker, common.read_json(args.config), args.out, args.threads)
         return
-    suffix = "_quick" if args.quick else ""
+    if args.gpu:  # read by common.py in this process and in every job it starts
+        os.environ["DBMTL_BENCH_DEVICE"] = "gpu"
+        os.environ["DBMTL_BENCH_CLOCK"] = "wall"
+        args.jobs, args.threads = 1, 0
+        args.only = args.only or ",".join(GPU_JOBS)
+    suffix = "_gpu" if args.gpu else ("_quick" if args.quick else "")
     out_dir = args.out or os.path.join(HERE, f"results{suffix}")
     results_md = args.results_md or os.path.join(HERE, f"RESULTS{suffix}.md")
     figures = args.figures or os.path.join(HERE, f"figures{suffix}")
     os.makedirs(out_dir, exist_ok=True)
     command = ".venv/bin/python benchmarks/run_all.py" + (" --quick" if args.quick else "")
-    if args.threads != common.DEFAULT_THREADS:
+    command += " --gpu" if args.gpu else ""
+    if args.threads != common.DEFAULT_THREADS and not args.gpu:
         command += f" --threads {args.threads}"
     if args.sweep_models:
         command += f" --sweep-models {args.sweep_models}"
     if args.balancers:
         command += f" --balancers {args.balancers}"
     if not args.report_only:
-        config = dict(QUICK if args.quick else FULL)
+        config = dict(GPU if args.gpu else QUICK if args.quick else FULL)
         if args.quick:
             config["core_balancers"] = list(QUICK_CORE)
         if args.sweep_models:

@@ -175,11 +175,20 @@ def time_model(model_name, mode, balancers, repeats, rounds, warmup, budget_s=No
     }
 
 
+def _kind(balancer):
+    """"losses", "gramian" or "jacobian": what the balancer's kind (its base class) asks the step for."""
+    from keras_dbmtl.balancers import GramianBalancer
+
+    if not balancer.uses_task_gradients:
+        return "losses"
+    return "gramian" if isinstance(balancer, GramianBalancer) else "jacobian"
+
+
 def _needs(name):
     import keras_dbmtl
 
     try:
-        return keras_dbmtl.balancers.get(name).needs
+        return _kind(keras_dbmtl.balancers.get(name))
     except Exception:
         return "?"
 

@@ -17,28 +17,158 @@ One training step, written once with `keras.ops` for every backend:
     backend code) -> balancer -> one optimizer update of shared, task-specific and balancer variables.
 """
 
+import collections
 import math
 import re
-import warnings
 import weakref
 
 import keras
 from keras import ops
-from keras.src.backend.common.stateless_scope import StatelessScope
 from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import tracking
 
 from keras_dbmtl import _input_checks as input_checks
+from keras_dbmtl import callbacks as mtl_callbacks
+from keras_dbmtl import export as mtl_export
 from keras_dbmtl import gradients as gradient_backends
+from keras_dbmtl._utils import is_dict as _is_dict
+from keras_dbmtl._utils import unique
 from keras_dbmtl.balancers import base as balancer_base
 from keras_dbmtl.balancers import registry
 
-SKIPPED_STEPS_KEY = "skipped_steps"
+SKIPPED_STEPS_KEY = mtl_callbacks.SKIPPED_STEPS_KEY
+
+# ---------------------------------------------------------------------- the records the stages pass on
+#: The training batch, unpacked.
+_Batch = collections.namedtuple("_Batch", ["x", "y", "sample_weight"])
+#: The step's variables, in the order of every gradient list: shared, then each task's own, then the balancer's.
+_Variables = collections.namedtuple("_Variables", ["shared", "task_groups", "extra", "all"])
+#: The forward stage's output: predictions, `TaskLosses` (raw, transformed; global batch), regularisation loss.
+#: A named tuple, so that it leaves `jax.vjp` as auxiliary output.
+_Forward = collections.namedtuple("_Forward", ["y_pred", "losses", "regularization"])
+#: The balance stage's output: one gradient per step variable, the task weights to log, the step's TaskJacobian.
+_Update = collections.namedtuple("_Update", ["gradients", "task_weights", "jacobian"])
 
 
-def _is_dict(value):
-    return isinstance(value, dict) or (hasattr(value, "keys") and hasattr(value, "items"))
+class _Gradients:
+    """The task-gradients stage's output (global batch, unscaled).
+
+    Loss level: `combined`, the gradient of the balancer's combined loss for every step variable, and the
+    balancer's `weights`. Per task: the Jacobian `blocks` of the shared variables ((T, *shape) each), each task's
+    own gradients `own`, the balancer's variables' gradients `extra` and the `regularization` gradients (None
+    entries without a regularisation loss).
+    """
+
+    def __init__(self, forward, combined=None, weights=None, blocks=None, own=None, extra=(), regularization=()):
+        self.forward, self.combined, self.weights = forward, combined, weights
+        self.blocks, self.own, self.extra, self.regularization = blocks, own, list(extra), list(regularization)
+
+    def tensors(self):
+        """Every gradient tensor of the step."""
+        groups = [self.combined or [], self.blocks or [], *(self.own or []), self.extra, self.regularization]
+        return [g for group in groups for g in group if g is not None]
+
+    def map(self, fn):
+        """The same record with `fn` applied to every gradient tensor."""
+        def each(values):
+            return None if values is None else [None if g is None else fn(g) for g in values]
+
+        own = None if self.own is None else [each(group) for group in self.own]
+        return _Gradients(self.forward, each(self.combined), self.weights, each(self.blocks), own,
+                          each(self.extra), each(self.regularization))
+
+
+# ---------------------------------------------------------------------- wrappers around the stages
+class _LossScaling:
+    """mixed_float16 with a `keras.optimizers.LossScaleOptimizer`: the differentiated losses are scaled with the
+    optimizer's own `scale_loss`, the gradients unscaled before the balancer (which sees the true gradients), the
+    inner optimizer applies the update, and the scale follows the optimizer's rule once per step. Without a
+    LossScaleOptimizer every method is the identity."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.active = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.inner_optimizer = optimizer.inner_optimizer if self.active else optimizer
+
+    def scale(self, value):
+        if not self.active or isinstance(value, float):
+            return value
+        return self.optimizer.scale_loss(value)
+
+    def unscale(self, gradient):
+        if not self.active:
+            return gradient
+        return ops.cast(gradient, "float32") / ops.cast(self.optimizer.dynamic_scale, "float32")
+
+    def update(self, finite):
+        """Keras' LossScaleOptimizer rule: halve the scale on a skipped step, double it after
+        `dynamic_growth_steps` applied steps in a row. Written with selects: the optimizer's own `apply` branches
+        with `ops.cond` around its variable updates, a host round trip on torch that the select path avoids."""
+        if not self.active:
+            return
+        optimizer = self.optimizer
+        counter, scale = optimizer.step_counter.value, optimizer.dynamic_scale.value
+        grow = ops.logical_and(finite, ops.equal(counter, optimizer.dynamic_growth_steps - 1))
+        new_scale = ops.where(finite, ops.where(grow, scale * 2.0, scale), scale * 0.5)
+        new_counter = ops.where(ops.logical_and(finite, ops.logical_not(grow)), counter + 1, 0)
+        optimizer.dynamic_scale.assign(ops.cast(new_scale, optimizer.dynamic_scale.dtype))
+        optimizer.step_counter.assign(ops.cast(new_counter, optimizer.step_counter.dtype))
+
+
+class _SelectSkip:
+    """The skip of an unusable step on JAX, torch and tf.distribute: the step runs, then every variable it may
+    change keeps its previous value where the step is not usable (a select: no branch, so no host round trip on
+    torch; the previous values cost nothing on JAX, where XLA fuses the select)."""
+
+    sanitizes = True
+
+    def __init__(self, variables, skip_tracker):
+        self.variables, self.skip_tracker = variables, skip_tracker
+        self.previous = gradient_backends.snapshot(variables)       # before the forward pass
+
+    def run(self, finite, apply, skipped_logs):
+        apply(mask=finite)
+        gradient_backends.keep_where(finite, self.variables, self.previous)
+        self.skip_tracker.update_state(1.0 - ops.cast(finite, "float32"))
+        return skipped_logs()
+
+
+class _BranchSkip:
+    """The skip of an unusable step on TensorFlow (one replica): the balance and apply stages run under `tf.cond`;
+    only what the forward pass changed before the check (batch-norm statistics, seeds, a loss-level balancer's
+    state) is copied, and restored on the skipped branch."""
+
+    def __init__(self, variables, skip_tracker, metric_logs):
+        self.variables, self.skip_tracker, self.metric_logs = variables, skip_tracker, metric_logs
+        self.previous = [ops.copy(v.value) for v in variables]     # before the forward pass
+
+    def run(self, finite, apply, skipped_logs):
+        def applied():
+            apply(mask=None)
+            return self.metric_logs()
+
+        def skipped():
+            for v, old in zip(self.variables, self.previous):
+                v.assign(old)
+            self.skip_tracker.update_state(1.0)
+            return skipped_logs()
+
+        return ops.cond(finite, applied, skipped)
+
+
+def _metric_updater(mask):
+    """`update(tracker, value)`: a Mean's update_state, or, with `mask`, one that counts the step only where
+    `mask` (the select path runs the metrics stage on skipped steps too)."""
+    if mask is None:
+        return lambda tracker, value: tracker.update_state(value)
+    applied = ops.cast(mask, "float32")
+
+    def update(tracker, value):
+        tracker.total.assign_add(ops.where(mask, ops.cast(value, tracker.total.dtype), 0.0))
+        tracker.count.assign_add(ops.cast(applied, tracker.count.dtype))
+
+    return update
 
 
 def _keras_name(text):
@@ -47,78 +177,14 @@ def _keras_name(text):
     return safe if re.match(r"[A-Za-z0-9.]", safe) else "t" + safe
 
 
-def _unique(variables):
-    seen, result = set(), []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            result.append(v)
-    return result
-
-
-def _update_loss_scale(optimizer, finite):
-    """A LossScaleOptimizer's own rule, without branches: halve the scale on a skipped step, double it after
-    `dynamic_growth_steps` applied steps in a row."""
-    counter, scale = optimizer.step_counter.value, optimizer.dynamic_scale.value
-    grow = ops.logical_and(finite, ops.equal(counter, optimizer.dynamic_growth_steps - 1))
-    new_scale = ops.where(finite, ops.where(grow, scale * 2.0, scale), scale * 0.5)
-    new_counter = ops.where(ops.logical_and(finite, ops.logical_not(grow)), counter + 1, 0)
-    optimizer.dynamic_scale.assign(ops.cast(new_scale, optimizer.dynamic_scale.dtype))
-    optimizer.step_counter.assign(ops.cast(new_counter, optimizer.step_counter.dtype))
-
-
-class _SkipReport(keras.callbacks.Callback):
-    """Warns, naming the tasks, when a training step was skipped for an unusable task loss or gradient.
-
-    The train step itself skipped the update; this callback only reports it, and logs `loss = nan` for an epoch
-    in which every step was skipped (there is no training loss to report).
-    """
-
-    MAX_WARNINGS = 5
-
-    def __init__(self, model_ref):
-        super().__init__()
-        self._model_ref = model_ref
-        self._count = 0.0
-        self._steps = 0
-        self._warned = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._count, self._steps = 0.0, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._steps = batch + 1               # the last step of this execution (steps_per_execution may be > 1)
-        if not logs or logs.get(SKIPPED_STEPS_KEY) is None:
-            return
-        count, previous = float(logs[SKIPPED_STEPS_KEY]), self._count
-        self._count = count
-        if count <= previous or self._warned >= self.MAX_WARNINGS:
-            return
-        self._warned += 1
-        model = self._model_ref
-        bad = [t for t in model.task_names if not math.isfinite(float(logs.get(f"{t}_loss", 0.0)))]
-        if bad:
-            transform = model.balancer.loss_transform
-            need = "positive and finite (the log transform takes log(loss + eps))" if transform == "log" else "finite"
-            what = f"the loss of task(s) {', '.join(repr(b) for b in bad)} is not {need}"
-        elif isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
-            what = "a scaled task gradient overflowed (the LossScaleOptimizer halved its scale)"
-        else:
-            what = "a task gradient was not finite"
-        warnings.warn(
-            f"Batch {batch}: {what}. The step was skipped for every variable (weights, optimizer and balancer "
-            f"state untouched); logged as '{SKIPPED_STEPS_KEY}'. If it keeps happening, check the targets and "
-            "loss functions of these tasks (a loss that can be zero or negative, such as a negative "
-            "log-likelihood, needs an offset under the log transform, or compile with a balancer whose "
-            "loss_transform=None), lower the learning rate, or add keras.callbacks.TerminateOnNaN() to stop at "
-            "the first skipped step.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs and self._steps and logs.get(SKIPPED_STEPS_KEY, 0.0) >= self._steps:
-            logs["loss"] = float("nan")
+def _split_flat(flat, shapes):
+    """A flat (P,) tensor as one tensor per shape."""
+    pieces, start = [], 0
+    for shape in shapes:
+        size = math.prod(int(d) for d in shape)
+        pieces.append(ops.reshape(flat[start : start + size], tuple(shape)))
+        start += size
+    return pieces
 
 
 @keras.saving.register_keras_serializable(package="keras_dbmtl")
@@ -267,7 +333,7 @@ class MultiTaskModel(keras.Model):
             if not balancer_obj.accepts_loss_weights:
                 raise ValueError(
                     f"compile(loss_weights=...) has no effect with balancer {type(balancer_obj).__name__} "
-                    f"(loss_transform={balancer_obj.loss_transform!r}, needs={balancer_obj.needs!r}): a constant "
+                    f"(loss_transform={balancer_obj.loss_transform!r}): a constant "
                     "factor on a task loss vanishes under the log transform and under gradient normalisation. "
                     "Remove loss_weights, or use balancer='ew' (without loss transform), where they multiply "
                     "each raw task loss as in Keras."
@@ -339,8 +405,9 @@ class MultiTaskModel(keras.Model):
     def _build_balancer(self):
         if self.balancer is None or self.balancer.built:
             return
-        num_shared = sum(int(math.prod(v.shape)) for v in self.shared_variables())
-        self.balancer.build(len(self.task_names), num_shared, self.task_names)
+        shapes = [tuple(int(d) for d in v.shape) for v in self.shared_variables()]
+        num_shared = sum(math.prod(shape) for shape in shapes)
+        self.balancer.build(len(self.task_names), num_shared, self.task_names, shared_shapes=shapes)
         if self.optimizer is not None and self.optimizer.built:
             # The optimizer was built before the balancer's learnable variables existed: add them.
             missing = [v for v in self.balancer.trainable_variables]
@@ -364,9 +431,28 @@ class MultiTaskModel(keras.Model):
         trackers = getattr(self, "_task_trackers", None)
         if trackers and self.balancer is not None:
             result = result + trackers["loss"] + trackers["weight"] + [self._skip_tracker]
-            if self.balancer.needs != "losses":
+            if self.balancer.uses_task_gradients:
                 result = result + trackers["gradient_norm"]
+        if self.gradient_statistics is not None:
+            result = result + [self.gradient_statistics]
         return result
+
+    @property
+    def gradient_statistics(self):
+        """None, or a `keras.metrics.Metric` that the balance stage updates every applied step with the T x T
+        Gramian of the per-task gradients (of the transformed losses, global batch) on the shared variables:
+        `gradient_statistics.update_state(gramian)`. Only balancers that compute per-task gradients form it. Assign
+        it before `fit` builds the train function; it is one of `model.metrics` (threaded through the JAX step,
+        reset every epoch) and its result is left out of the logs."""
+        return self.__dict__.get("_gradient_statistics")
+
+    def __setattr__(self, name, value):
+        if name != "gradient_statistics":
+            return super().__setattr__(name, value)
+        if value is not None and not isinstance(value, keras.metrics.Metric):
+            raise ValueError(f"gradient_statistics must be None or a keras.metrics.Metric; received {value!r}.")
+        with tracking.DotNotTrackScope():        # reported through `metrics`, not tracked as a layer's state
+            super().__setattr__("_gradient_statistics", value)
 
     # ------------------------------------------------------------------ checks
     def _check_task_keys(self, mapping, what, require_all=True):
@@ -415,200 +501,184 @@ class MultiTaskModel(keras.Model):
         return ops.sum(ops.stack(terms))
 
     # ------------------------------------------------------------------ steps
-    def _ensure_built(self, data):
-        # TensorFlow defers building to the first trace of the step: build symbolically before the variables
-        # are partitioned into shared and task-specific.
-        if not self.built or (self.balancer is not None and not self.balancer.built):
-            self._symbolic_build(data_batch=data)
-            self._check_targets(data_adapter_utils.unpack_x_y_sample_weight(data)[1])   # now against the heads
-
     def _forward_state_variables(self):
         """Variables the forward pass itself may change (batch-norm statistics, seed generators, the state of a
         loss-level balancer, whose `combine_losses` runs in the forward pass): small, copied before it."""
         balancer = self.balancer
         balancer_ids = {id(v) for v in balancer.variables}
         result = [v for v in self.non_trainable_variables if id(v) not in balancer_ids]
-        if balancer.needs == "losses":
+        if not balancer.uses_task_gradients:
             result += list(balancer.non_trainable_variables)
-        return _unique(result)
+        return unique(result)
 
     def _guarded_variables(self, inner_optimizer):
         """Every variable a training step may change: weights, batch-norm statistics, seed generators, balancer
-        and optimizer state (iteration counter included), compiled metrics. Left out: the step's own trackers
-        (updated with a mask), and a LossScaleOptimizer's own scale and counter (they must still shrink on an
-        overflow)."""
+        and optimizer state (iteration counter included), compiled metrics and `gradient_statistics`. Left out:
+        the step's own trackers (updated with a mask), and a LossScaleOptimizer's own scale and counter (they must
+        still shrink on an overflow)."""
         metrics = list(self._compile_metrics.variables) if self._compile_metrics is not None else []
-        return _unique(list(self.variables) + list(inner_optimizer.variables) + metrics)
+        if self.gradient_statistics is not None:
+            metrics += list(self.gradient_statistics.variables)
+        return unique(list(self.variables) + list(inner_optimizer.variables) + metrics)
 
+    # ------------------------------------------------------------------ the train step and its stages
     def _balanced_train_step(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        self._check_targets(y)
-        self._ensure_built(data)
-        balancer = self.balancer
-        num_tasks = len(self.task_names)
-        optimizer = self.optimizer
-        if not optimizer.built:
-            optimizer.build(self.trainable_variables)
-        loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        inner_optimizer = optimizer.inner_optimizer if loss_scaled else optimizer
-        scale = ops.cast(optimizer.dynamic_scale, "float32") if loss_scaled else None
-        # A step whose task loss or gradient is not usable is skipped for every variable. TensorFlow: the update
-        # runs under `ops.cond` (tf.cond), and only what the forward pass changes before the check (small:
-        # batch-norm statistics, seeds) is copied. JAX: the step is a function of the state, so the previous values
-        # cost nothing and a select at the end keeps them (fused by XLA). torch: the same select on copies made
-        # before the step, because a branch on the flag would be a host round trip (a device sync) in every step.
-        # Under tf.distribute (several replicas) the optimizer's cross-replica step cannot run inside tf.cond
-        # (`merge_call` in control flow): the select path is used there too.
-        functional = keras.backend.backend() != "tensorflow" or gradient_backends.num_replicas() > 1
-        if functional:
-            guarded = self._guarded_variables(inner_optimizer)
-            previous = gradient_backends.snapshot(guarded)
-        else:
-            guarded = self._forward_state_variables()
-            previous = [ops.copy(v.value) for v in guarded]
+        """forward and task losses -> task gradients -> balance -> apply (+ metrics).
 
-        def forward(scaled=True):
-            y_pred = self(x, training=True)
-            # float32 under any policy; on several replicas the global batch's values (keras_dbmtl.gradients)
-            raw_losses = gradient_backends.global_losses(self._task_losses(y, y_pred, sample_weight))
-            transformed = balancer.transform_losses(raw_losses)                      # so is the log transform
-            regularization = self._regularization_loss()
-            aux = (raw_losses, y_pred, regularization)
-            if loss_scaled and scaled:
-                # mixed_float16: differentiate the scaled losses; the gradients are unscaled before the balancer.
-                transformed = transformed * scale
-                if not isinstance(regularization, float):
-                    regularization = regularization * scale
-            return transformed, regularization, aux
+        Wrappers, not branches: `_LossScaling` scales what is differentiated and unscales the gradients; the skip
+        strategy (`_SelectSkip` or `_BranchSkip`) runs the balance and apply stages so that an unusable step
+        changes nothing; data parallelism lives in the backend primitives (global losses, all-reduced gradients).
+        """
+        batch, variables = self._prepare_step(data)
+        scaling = _LossScaling(self.optimizer)
+        skip = self._skip_strategy(scaling.inner_optimizer)
+        grads = self._task_gradients_stage(batch, variables, scaling)
+        finite, invalid = self._usable(grads)
 
-        def unscale(g):
-            return g if g is None or not loss_scaled else ops.cast(g, "float32") / scale
+        def apply(mask):
+            update = self._balance_stage(grads, mask)
+            self._apply_stage(update, batch, grads.forward, variables, scaling.inner_optimizer)
+            self._metrics_stage(batch, grads.forward, update, mask)
 
-        shared = self.shared_variables()
-        task_groups = [self.task_variables()[t] for t in self.task_names]
-        extra = list(balancer.trainable_variables)
-        variables = shared + [v for group in task_groups for v in group] + extra
-        if balancer.needs == "losses":
-            def scalar_forward():
-                transformed, regularization, aux = forward(scaled=False)
-                combined, weights = balancer.combine_losses(transformed)
-                combined = combined + regularization
-                return (combined * scale if loss_scaled else combined), (aux, weights)
-
-            ((raw_losses, y_pred, regularization), task_weights), grads = gradient_backends.loss_gradients(
-                scalar_forward, variables
-            )
-            grads = [unscale(g) for g in grads]
-            checked = grads
-            result = None
-        else:
-            result = gradient_backends.task_gradients(forward, shared, task_groups, extra, self._vectorize)
-            raw_losses, y_pred, regularization = result.aux
-            blocks = [unscale(b) for b in result.shared_blocks]
-            own_grads = [[unscale(g) for g in group] for group in result.task_gradients]
-            extra_grads = [unscale(g) for g in result.extra_gradients]
-            regularization_grads = [unscale(g) for g in result.regularization_gradients]
-            checked = blocks + [g for group in own_grads for g in group] + extra_grads + [
-                g for g in regularization_grads if g is not None
-            ]
-            transformed_losses = result.task_losses / scale if loss_scaled else result.task_losses
-            jacobian = balancer_base.TaskJacobian(blocks, num_tasks)
-
-        invalid = ops.logical_not(ops.isfinite(raw_losses))
-        if balancer.loss_transform == "log":
-            invalid = ops.logical_or(invalid, raw_losses <= 0.0)
-        finite = ops.logical_not(ops.any(invalid))
-        if checked:
-            # One reduction per tensor: a NaN or inf entry makes its sum non-finite (a sum of finite gradients
-            # that overflows float32 counts as non-finite too: such a step is not usable either).
-            sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in checked])
-            finite = ops.logical_and(finite, ops.all(ops.isfinite(sums)))
-
-        def apply_step(sanitize):
-            if result is None:
-                step_grads, weights = grads, task_weights
-            else:
-                step_blocks, step_losses = blocks, transformed_losses
-                if sanitize:
-                    # JAX runs this on a skipped step too (the result is discarded): keep NaN out of the solvers.
-                    step_blocks = [ops.where(finite, b, ops.zeros_like(b)) for b in blocks]
-                    step_losses = ops.where(finite, transformed_losses, ops.zeros_like(transformed_losses))
-                step_jacobian = balancer_base.TaskJacobian(step_blocks, num_tasks)
-                aggregation = balancer.aggregate(step_losses, step_jacobian)
-                weights = aggregation.task_weights
-                if aggregation.shared_direction is None:
-                    shared_grads = step_jacobian.weighted_sum_blocks(weights)
-                else:
-                    shared_grads = self._split_flat(aggregation.shared_direction, shared)
-                task_grads = []
-                for t, group_grads in enumerate(own_grads):
-                    if aggregation.head_weights is not None:
-                        group_grads = [g * aggregation.head_weights[t] for g in group_grads]
-                    task_grads.extend(group_grads)
-                step_grads = list(shared_grads) + task_grads + extra_grads
-                step_grads = [g if r is None else g + r for g, r in zip(step_grads, regularization_grads)]
-            if keras.backend.backend() == "tensorflow":
-                # Inside tf.cond the optimizer's all-reduce needs tensors of the branch's own graph.
-                step_grads = [ops.copy(g) for g in step_grads]
-            inner_optimizer.apply(gradient_backends.optimizer_gradients(step_grads), variables)
-            if balancer.needs_losses_after_update:            # FAMO: the same batch again, after the update
-                losses_after = gradient_backends.global_losses(
-                    self._task_losses(y, self(x, training=True), sample_weight))
-                balancer.update_after_step(ops.stop_gradient(raw_losses), ops.stop_gradient(losses_after))
-            return ops.cast(weights, "float32")
-
-        jacobian_norms = None if result is None else jacobian.norms
-
-        def applied_step(sanitize, mask=None):
-            weights = apply_step(sanitize)
-            self._update_step_metrics(y, y_pred, sample_weight, raw_losses, regularization, weights, jacobian_norms,
-                                      mask)
-            return None if mask is not None else dict(self.get_metrics_result())
-
-        def skipped_step():
-            for v, old in zip(guarded, previous):
-                v.assign(old)
-            self._skip_tracker.update_state(1.0)
-            return self._step_logs(finite, invalid, loss_scaled)
-
-        if functional:
-            applied_step(sanitize=True, mask=finite)
-            gradient_backends.keep_where(finite, guarded, previous)
-            self._skip_tracker.update_state(1.0 - ops.cast(finite, "float32"))
-            logs = self._step_logs(finite, invalid, loss_scaled)
-        else:
-            logs = ops.cond(finite, lambda: applied_step(sanitize=False), skipped_step)
-        if loss_scaled:
-            _update_loss_scale(optimizer, finite)
+        logs = skip.run(finite, apply, lambda: self._step_logs(finite, invalid, scaling.active))
+        scaling.update(finite)
         return logs
 
-    def _update_step_metrics(self, y, y_pred, sample_weight, raw_losses, regularization, task_weights, norms,
-                             mask=None):
-        if mask is None:
-            def update(tracker, value):
-                tracker.update_state(value)
+    def _prepare_step(self, data):
+        """The unpacked batch and the step's variables; builds what TensorFlow defers to the first trace."""
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        self._check_targets(y)
+        if not self.built or (self.balancer is not None and not self.balancer.built):
+            self._symbolic_build(data_batch=data)
+            self._check_targets(y)                              # again, now against the heads' output shapes
+        if not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        task_variables = self.task_variables()
+        groups = [task_variables[t] for t in self.task_names]
+        shared, extra = self.shared_variables(), list(self.balancer.trainable_variables)
+        flat = shared + [v for group in groups for v in group] + extra
+        return _Batch(x, y, sample_weight), _Variables(shared, groups, extra, flat)
+
+    def _skip_strategy(self, inner_optimizer):
+        if gradient_backends.skips_by_branch():
+            return _BranchSkip(self._forward_state_variables(), self._skip_tracker, self._metric_logs)
+        return _SelectSkip(self._guarded_variables(inner_optimizer), self._skip_tracker)
+
+    def _forward_stage(self, batch):
+        """One forward pass: predictions, the task losses (float32 under any policy; on several replicas the
+        global batch's values, keras_dbmtl.gradients) raw and transformed, and the regularisation loss."""
+        y_pred = self(batch.x, training=True)
+        raw = gradient_backends.global_losses(self._task_losses(batch.y, y_pred, batch.sample_weight))
+        return _Forward(y_pred, self.balancer.task_losses(raw), self._regularization_loss())
+
+    def _task_gradients_stage(self, batch, variables, scaling):
+        """The forward stage, differentiated: per-task gradients for a gradient-level balancer, one gradient of
+        the combined loss for a loss-level one. Gradients of the global batch, unscaled."""
+        if self.balancer.uses_task_gradients:
+            grads = self._per_task_gradients(batch, variables, scaling)
         else:
-            applied = ops.cast(mask, "float32")
+            grads = self._combined_gradients(batch, variables, scaling)
+        return grads.map(scaling.unscale)
 
-            def update(tracker, value):                      # a Mean that counts the step only where `mask`
-                tracker.total.assign_add(ops.where(mask, ops.cast(value, tracker.total.dtype), 0.0))
-                tracker.count.assign_add(ops.cast(applied, tracker.count.dtype))
+    def _per_task_gradients(self, batch, variables, scaling):
+        def differentiated():
+            forward = self._forward_stage(batch)
+            return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
 
-        update(self._loss_tracker, ops.sum(raw_losses) + regularization)
-        gradient_norms = None if norms is None else norms()
+        result = gradient_backends.task_gradients(
+            differentiated, variables.shared, variables.task_groups, variables.extra, self._vectorize
+        )
+        return _Gradients(result.aux, blocks=result.shared_blocks, own=result.task_gradients,
+                          extra=result.extra_gradients, regularization=result.regularization_gradients)
+
+    def _combined_gradients(self, batch, variables, scaling):
+        def differentiated():
+            forward = self._forward_stage(batch)
+            combined, weights = self.balancer.combine_losses(forward.losses)
+            return scaling.scale(combined + forward.regularization), (forward, weights)
+
+        (forward, weights), grads = gradient_backends.loss_gradients(differentiated, variables.all)
+        return _Gradients(forward, combined=grads, weights=weights)
+
+    def _usable(self, grads):
+        """(finite, invalid): whether the step can be applied, and the (T,) tasks whose loss is unusable.
+
+        One reduction per gradient tensor: a NaN or inf entry makes its sum non-finite (a sum of finite gradients
+        that overflows float32 counts as non-finite too: such a step is not usable either)."""
+        invalid = self.balancer.invalid_losses(grads.forward.losses.raw)
+        finite = ops.logical_not(ops.any(invalid))
+        tensors = grads.tensors()
+        if tensors:
+            sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
+            finite = ops.logical_and(finite, ops.all(ops.isfinite(sums)))
+        return finite, invalid
+
+    def _balance_stage(self, grads, mask=None):
+        """The balancer's update: one gradient per step variable, the task weights, and the step's one
+        `TaskJacobian` (None at loss level, where the balancing happened inside the differentiated loss)."""
+        if grads.blocks is None:
+            return _Update(grads.combined, grads.weights, None)
+        blocks, losses = grads.blocks, grads.forward.losses
+        if mask is not None:
+            # The select path runs this on a skipped step too (the result is discarded): keep NaN out of solvers.
+            blocks = [ops.where(mask, b, ops.zeros_like(b)) for b in blocks]
+            losses = losses.where(mask)
+        jacobian = balancer_base.TaskJacobian(blocks, len(self.task_names))
+        if self.gradient_statistics is not None:
+            self.gradient_statistics.update_state(jacobian.gramian())
+        aggregation = self.balancer.aggregate(losses, jacobian)
+        return _Update(self._assemble(aggregation, jacobian, grads), aggregation.task_weights, jacobian)
+
+    @staticmethod
+    def _assemble(aggregation, jacobian, grads):
+        """Shared direction (w^T J block by block, or the balancer's flat direction), each head's own gradient
+        times its head weight, the balancer's variables' gradients; plus the regularisation gradients."""
+        if aggregation.shared_direction is None:
+            shared = jacobian.weighted_sum_blocks(aggregation.task_weights)
+        else:
+            shared = _split_flat(aggregation.shared_direction, [b.shape[1:] for b in jacobian.blocks])
+        heads = []
+        for t, group in enumerate(grads.own):
+            if aggregation.head_weights is not None:
+                group = [g * aggregation.head_weights[t] for g in group]
+            heads.extend(group)
+        step = list(shared) + heads + grads.extra
+        return [g if r is None else g + r for g, r in zip(step, grads.regularization or [None] * len(step))]
+
+    def _apply_stage(self, update, batch, forward, variables, optimizer):
+        """One optimizer update of every step variable; then the balancer's `after_step` hook (FAMO asks for the
+        losses of the same batch after the update)."""
+        optimizer.apply(gradient_backends.optimizer_gradients(update.gradients), variables.all)
+
+        def losses_after():
+            y_pred = self(batch.x, training=True)
+            return gradient_backends.global_losses(self._task_losses(batch.y, y_pred, batch.sample_weight))
+
+        self.balancer.after_step(forward.losses.raw, losses_after)
+
+    def _metrics_stage(self, batch, forward, update, mask=None):
+        """The loss, per-task loss, weight and gradient-norm trackers, and the compiled metrics."""
+        update_state = _metric_updater(mask)
+        raw = forward.losses.raw
+        update_state(self._loss_tracker, ops.sum(raw) + forward.regularization)
+        weights = ops.cast(update.task_weights, "float32")
+        norms = None if update.jacobian is None else update.jacobian.norms()
         for t in range(len(self.task_names)):
-            update(self._task_trackers["loss"][t], raw_losses[t])
-            update(self._task_trackers["weight"][t], task_weights[t])
-            if gradient_norms is not None:
-                update(self._task_trackers["gradient_norm"][t], gradient_norms[t])
+            update_state(self._task_trackers["loss"][t], raw[t])
+            update_state(self._task_trackers["weight"][t], weights[t])
+            if norms is not None:
+                update_state(self._task_trackers["gradient_norm"][t], norms[t])
         if self._compile_metrics is not None:
-            self._compile_metrics.update_state(y, y_pred, sample_weight)
+            self._compile_metrics.update_state(batch.y, forward.y_pred, batch.sample_weight)
+
+    def _metric_logs(self):
+        return dict(self.get_metrics_result())
 
     def _step_logs(self, finite, invalid, loss_scaled):
         """The metrics' results. A skipped batch logs a NaN loss, so that TerminateOnNaN stops on it (except a
         LossScaleOptimizer's overflow with finite losses: its normal scale adjustment), and NaN for each task at
         fault; the epoch means count the applied steps only."""
-        logs = dict(self.get_metrics_result())
+        logs = self._metric_logs()
         nan = ops.convert_to_tensor(float("nan"), "float32")
         nan_loss = ops.logical_not(finite)
         if loss_scaled:
@@ -620,16 +690,20 @@ class MultiTaskModel(keras.Model):
                 logs[key] = ops.where(invalid[t], nan, logs[key])
         return logs
 
-    def _split_flat(self, flat, variables):
-        pieces, start = [], 0
-        for v in variables:
-            size = 1
-            for dim in v.shape:
-                size *= int(dim)
-            pieces.append(ops.reshape(flat[start : start + size], v.shape))
-            start += size
-        return pieces
+    def get_metrics_result(self):
+        """As in Keras, without the (matrix) result of `gradient_statistics`."""
+        results = {}
+        for metric in self.metrics:
+            if metric is self.gradient_statistics:
+                continue
+            result = metric.result()
+            if isinstance(result, dict):
+                results.update(result)
+            else:
+                results[metric.name] = result
+        return results
 
+    # ------------------------------------------------------------------ the test step
     def _balanced_test_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         self._check_targets(y)
@@ -645,37 +719,19 @@ class MultiTaskModel(keras.Model):
         training_only.add(SKIPPED_STEPS_KEY)
         return {key: value for key, value in logs.items() if key not in training_only}
 
-    def _run_stateless(self, step, state, data, groups):
-        mapping = []
-        for variables, values in zip(groups, state):
-            mapping.extend(zip(variables, values))
-        with StatelessScope(state_mapping=mapping) as scope:
-            logs = step(data)
-        new_state = tuple(
-            [scope.get_current_value(v) if scope.get_current_value(v) is not None else value
-             for v, value in zip(variables, values)]
-            for variables, values in zip(groups, state)
-        )
-        return logs, new_state
-
+    # ------------------------------------------------------------------ the Keras trainer's entry points
     def train_step(self, *args):
-        if keras.backend.backend() == "jax":
-            state, data = args
-            groups = (
-                self.trainable_variables,
-                self.non_trainable_variables,
-                self.optimizer.variables,
-                self.metrics_variables,
-            )
-            return self._run_stateless(self._balanced_train_step, state, data, groups)
-        return self._balanced_train_step(args[0])
+        def state():
+            return (self.trainable_variables, self.non_trainable_variables, self.optimizer.variables,
+                    self.metrics_variables)
+
+        return gradient_backends.run_step(self._balanced_train_step, args, state)
 
     def test_step(self, *args):
-        if keras.backend.backend() == "jax":
-            state, data = args
-            groups = (self.trainable_variables, self.non_trainable_variables, self.metrics_variables)
-            return self._run_stateless(self._balanced_test_step, state, data, groups)
-        return self._balanced_test_step(args[0])
+        def state():
+            return self.trainable_variables, self.non_trainable_variables, self.metrics_variables
+
+        return gradient_backends.run_step(self._balanced_test_step, args, state)
 
     def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
         self._check_fit_arguments(x, y, kwargs.get("sample_weight"))
@@ -683,8 +739,8 @@ class MultiTaskModel(keras.Model):
         if isinstance(validation, (list, tuple)) and len(validation) in (2, 3):
             self._check_fit_arguments(*validation, what="validation")
         callbacks = list(callbacks or [])
-        callbacks.insert(0, _SkipReport(self))
-        callbacks.insert(1, _BalancerEpochHook(self))
+        callbacks.insert(0, mtl_callbacks.SkipReport(self))
+        callbacks.insert(1, mtl_callbacks.BalancerEpochHook(self))
         empty_check = input_checks.EmptyDataCheck()
         callbacks.insert(2, empty_check)
         self._build_at_fit_start = any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)
@@ -743,35 +799,9 @@ class MultiTaskModel(keras.Model):
                 "falls back to it."
             ) from error
 
-    # ------------------------------------------------------------------ export
     def export(self, filepath, format="tf_saved_model", **kwargs):
-        backend = keras.backend.backend()
-        if backend == "torch" and format == "tf_saved_model":
-            raise ValueError(
-                "Keras cannot export a tf_saved_model from the torch backend. Save the model with "
-                "model.save('model.keras'), then export it through the TensorFlow backend:\n"
-                "    KERAS_BACKEND=tensorflow python -m keras_dbmtl.export model.keras served/"
-            )
-        if format == "tf_saved_model" and kwargs.get("input_signature") is None and (
-            backend == "jax" or not getattr(self, "_called", False)
-        ):
-            # JAX needs one eager call before exporting, and so does a model just loaded from a .keras file.
-            self._eager_call_for_export()
+        mtl_export.prepare(self, format, kwargs.get("input_signature"))
         return super().export(filepath, format=format, **kwargs)
-
-    def _eager_call_for_export(self):
-        shapes = getattr(self, "_build_shapes_dict", None)
-        if not shapes:
-            raise ValueError("Call or fit the model once before exporting it.")
-        shape = next(iter(shapes.values()))
-
-        def zeros(s):
-            return ops.zeros(tuple(1 if d is None else d for d in s))
-
-        if self.per_task_inputs:
-            self({t: zeros(shape[t]) for t in self.task_names})
-        else:
-            self(keras.tree.map_shape_structure(zeros, shape))
 
     # ------------------------------------------------------------------ config
     def get_config(self):
@@ -793,14 +823,3 @@ class MultiTaskModel(keras.Model):
         }
         return cls(encoder=encoder, heads=heads, **config)
 
-
-class _BalancerEpochHook(keras.callbacks.Callback):
-    """Gives balancers that need an epoch boundary (DWA) their hook, without the user's help."""
-
-    def __init__(self, model_ref):
-        super().__init__()
-        self._model_ref = model_ref
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._model_ref.balancer is not None:
-            self._model_ref.balancer.on_epoch_end(epoch)

@@ -5,10 +5,9 @@
 """
 
 import argparse
-import os
 import sys
 
-from applications.common import parse_balancer_args
+from applications import experiment
 
 
 def parse_args(argv=None):
@@ -22,10 +21,7 @@ def parse_args(argv=None):
                    help="folder of <domain>_{train,val,test}.txt (default: DATA_ROOT, then DATA_ROOT/data_txt/<name>)")
     p.add_argument("--make-splits", action="store_true",
                    help="write a fresh seeded 60/20/20 split into --split-dir (or DATA_ROOT) first")
-    p.add_argument("--balancer", default="dbmtl", help="registered balancer name (keras_dbmtl.balancers.names())")
-    p.add_argument("--balancer-args", default="", help="e.g. beta=0.5,beta_sigma=0.5")
-    p.add_argument("--backend", default=None, choices=["tensorflow", "torch", "jax"],
-                   help="sets KERAS_BACKEND (must come before keras is imported)")
+    experiment.add_arguments(p, balancers=("dbmtl",), seeds=(0,), out="results/office")
     p.add_argument("--domains", default=None, help="comma-separated subset of the domains")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64, help="per domain")
@@ -49,46 +45,70 @@ def parse_args(argv=None):
     p.add_argument("--random-flip", action="store_true", help="horizontal-flip augmentation (not in the reference)")
     p.add_argument("--cache", action="store_true", help="keep decoded, resized images in memory")
     p.add_argument("--workers", type=int, default=1, help="loader threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/office", help="output folder for <tag>.json and <tag>.md")
-    p.add_argument("--tag", default=None, help="file name stem (default <dataset>_<balancer>_<backend>)")
+    p.add_argument("--seed", type=int, default=None, help="one training seed (the same as --seeds SEED)")
+    p.add_argument("--tag", default=None,
+                   help="file name stem (default <dataset>_<balancer>_<backend>; with several settings or "
+                        "seeds, _<setting>_seed<seed> is appended)")
     p.add_argument("--verbose", type=int, default=2)
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    """Checks every argument, then trains each balancer setting and seed (``applications.experiment``); the STL
+    models (``--stl``) are trained once, with the first run, and reused by the others. Returns the summary of
+    the last run, with the runner's ``experiment`` (runs, grid winners, table) added."""
     args = parse_args(argv)
-    if args.backend:
-        if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") not in (None, args.backend):
-            raise SystemExit("--backend must be chosen before keras is imported")
-        os.environ["KERAS_BACKEND"] = args.backend
-    from applications.office import data, train
+    if args.seed is not None:
+        if args.seeds is not None:
+            raise SystemExit("python -m applications.office: error: give --seed or --seeds, not both")
+        args.seeds = [args.seed]
+    try:
+        experiment.apply_backend(args.backend)
+        from applications.office import data, train
 
-    import keras
-
-    if args.backend and keras.backend.backend() != args.backend:
-        raise SystemExit(f"--backend {args.backend}: keras was already imported with "
-                         f"{keras.backend.backend()}; set KERAS_BACKEND instead")
+        spec = data.dataset_spec(args.dataset)
+        plan = experiment.plan_from_args(args)
+    except (experiment.ExperimentError, ValueError) as err:
+        raise SystemExit(f"python -m applications.office: error: {err}") from None
+    dataset = next(k for k, v in data.DATASETS.items() if v is spec)
 
     if args.make_splits:
-        data.make_splits(args.data_root, args.dataset, out_dir=args.split_dir, seed=args.seed)
+        data.make_splits(args.data_root, args.dataset, out_dir=args.split_dir, seed=plan.seeds[0])
     weights = args.weights
     if str(weights).lower() == "auto":
         weights = "resnet_18_imagenet" if args.backbone == "resnet18" else None
     elif str(weights).lower() in ("", "none", "null"):
         weights = None
-    summary = train.run(
-        args.data_root, dataset=args.dataset, balancer=args.balancer, stl=args.stl,
-        stl_results=args.stl_results, out_dir=args.out, tag=args.tag,
-        balancer_args=parse_balancer_args(args.balancer_args) or None,
-        domains=tuple(args.domains.split(",")) if args.domains else None,
-        epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
-        max_samples=args.max_samples, steps_per_epoch=args.steps_per_epoch, backbone=args.backbone,
-        weights=weights, hidden_dim=args.hidden_dim, dropout=args.dropout, learning_rate=args.lr,
-        weight_decay=args.weight_decay, select=args.select, eval_every=args.eval_every,
-        split_dir=args.split_dir, seed=args.seed, cache=args.cache, random_flip=args.random_flip,
-        workers=args.workers, verbose=args.verbose)
-    print(summary["markdown"])
+    single = len(plan.settings) == 1 and len(plan.seeds) == 1
+    stl_json = [args.stl_results]
+    summaries = []
+
+    def train_one(setting, seed):
+        tag = args.tag or f"{dataset}_{setting.balancer}_{experiment.backend_name()}"
+        if not single:
+            tag = f"{tag}_{setting.file_label}_seed{seed}"
+        summary = train.run(
+            args.data_root, dataset=args.dataset, balancer=setting.balancer, stl=args.stl and not stl_json[0],
+            stl_results=stl_json[0], out_dir=plan.out, tag=tag, balancer_args=setting.kwargs or None,
+            domains=tuple(args.domains.split(",")) if args.domains else None,
+            epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
+            max_samples=args.max_samples, steps_per_epoch=args.steps_per_epoch, backbone=args.backbone,
+            weights=weights, hidden_dim=args.hidden_dim, dropout=args.dropout, learning_rate=args.lr,
+            weight_decay=args.weight_decay, select=args.select, eval_every=args.eval_every,
+            split_dir=args.split_dir, seed=seed, cache=args.cache, random_flip=args.random_flip,
+            workers=args.workers, verbose=args.verbose)
+        if args.stl and not stl_json[0]:
+            stl_json[0] = f"{plan.out}/{tag}.json"  # the STL models of the first run serve every later one
+        print(summary["markdown"])
+        summaries.append(summary)
+        return {k: v for k, v in summary.items() if k != "model"}
+
+    done = experiment.run_plan(plan, train_one, meta=dict(command=["python", "-m", "applications.office"]
+                                                              + list(argv or sys.argv[1:])))
+    if not single:
+        print(done["table"])
+    summary = summaries[-1]
+    summary["experiment"] = done
     return summary
 
 

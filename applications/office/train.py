@@ -171,20 +171,22 @@ def run(data_root, dataset="office31", balancer="dbmtl", stl=False, stl_results=
                "config": {k: v for k, v in train_kwargs.items() if k != "callbacks"}}
     summary["config"]["data_root"] = str(data_root)
 
-    stl_acc, stl_source = None, None
+    stl_acc, stl_val, stl_source = None, None, None
     if stl:
-        stl_acc, stl_runs = {}, {}
+        stl_acc, stl_val, stl_runs = {}, {}, {}
         for domain in train_kwargs.get("domains") or spec["domains"]:
             kw = dict(train_kwargs, domains=(domain,))
             r = train_office(data_root, dataset=dataset, balancer="ew", **kw)
             stl_acc[domain] = r["test"][domain]
+            stl_val[domain] = (r["val"] or {}).get(domain)
             stl_runs[domain] = {"epoch": r["epoch"], "seconds": r["seconds"],
                                 "records": r["records"]}
         stl_source = "trained (one model per domain, same settings)"
         summary["stl_runs"] = stl_runs
     elif stl_results:
         with open(stl_results, encoding="utf-8") as f:
-            stl_acc = json.load(f)["stl"]["test"]
+            stl_doc = json.load(f)["stl"]
+        stl_acc, stl_val = stl_doc["test"], stl_doc.get("val")
         stl_source = f"from {stl_results}"
 
     mtl = train_office(data_root, dataset=dataset, balancer=balancer, **train_kwargs)
@@ -193,11 +195,17 @@ def run(data_root, dataset="office31", balancer="dbmtl", stl=False, stl_results=
         stl_acc = {d: PAPER_STL[dataset][d] for d in domains}
         stl_source = "paper Table 4 STL row"
     dp = delta_p({d: mtl["test"][d] for d in domains}, {d: stl_acc[d] for d in domains})
+    # validation Δp (selects a grid's setting): against the STL models' validation accuracies when they were
+    # trained, else against the STL test row (the same fixed per-domain baseline for every setting)
+    val_base = stl_val if stl_val and all(stl_val.get(d) for d in domains) else stl_acc
+    val_dp = delta_p({d: mtl["val"][d] for d in domains}, {d: val_base[d] for d in domains}) \
+        if mtl["val"] else None
     summary.update({
         "test": mtl["test"], "avg": mtl["avg"], "delta_p": dp, "selected_epoch": mtl["epoch"],
+        "val": mtl["val"], "val_delta_p": val_dp,
         "seconds": mtl["seconds"], "records": mtl["records"],
         "history": _history_to_json(mtl["history"]),
-        "stl": {"test": stl_acc, "avg": float(np.mean([stl_acc[d] for d in domains])),
+        "stl": {"test": stl_acc, "val": stl_val, "avg": float(np.mean([stl_acc[d] for d in domains])),
                 "source": stl_source},
         # the Table 4 columns, keyed as in tests/data/paper_tables/<dataset>_table4.csv
         "table4": dict(

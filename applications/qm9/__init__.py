@@ -20,6 +20,21 @@ In Python (set ``KERAS_BACKEND`` first)::
     mtl.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", balancer="dbmtl")
     mtl.fit(train, validation_data=val, epochs=1, verbose=2)  # TensorFlow: train.as_tf_dataset() etc.
 
+Where the data come from, and running without TensorFlow: the molecules are QM9 as shipped by the PyPI
+package ``qm9pack==1.0.3`` (its CSVs). The first run perceives bonds with RDKit and writes one ``.npz`` per
+subset to the cache folder (``--cache-dir``; default ``$KERAS_DBMTL_CACHE/qm9`` or
+``~/.cache/keras_dbmtl/qm9``). From then on a run needs only keras, the backend, numpy, scipy, pandas and
+tqdm: not RDKit, qm9pack, spektral or TensorFlow (spektral's ``Graph``/``Dataset`` are used when spektral
+imports, ``data.MinimalGraph``/``MinimalDataset`` otherwise, with identical batches;
+``tests/applications/qm9/test_qm9_without_tensorflow.py``). To run on a machine without RDKit::
+
+    python -m applications.qm9 --preset quick --prepare-data --cache-dir qm9_cache   # here: ~4 MB
+    python -m applications.qm9 --preset quick --backend jax --cache-dir qm9_cache    # there (copy the folder)
+
+Each finished run writes ``<out>/run_<balancer>_seed<seed>.json`` at once, and
+``<out>/curve_<balancer>_seed<seed>.json`` holds the learning curve (every epoch's logs, ``val_delta_p``
+included, and the epoch / training times) after every epoch.
+
 Modules: ``data`` (qm9pack CSVs -> RDKit -> spektral graphs, cache, split, batching), ``model`` (the
 MPNN encoder in keras.ops: edge-conditioned convolution, GRU, Set2Set), ``train`` (recipe, STL baselines,
 Δp, tables, plot), ``__main__`` (CLI).  Stored STL baselines: ``stl_baselines_quick.json`` (made by this

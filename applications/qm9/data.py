@@ -449,6 +449,12 @@ def _take(arrays, idx):
     return out
 
 
+def subset_cache_name(rows):
+    """File name of the cache of the CSV rows ``rows``: ``qm9_subset_<sha1 of the int64 rows, 16 hex>.npz``."""
+    digest = hashlib.sha1(np.asarray(rows, np.int64).tobytes()).hexdigest()[:16]
+    return f"qm9_subset_{digest}.npz"
+
+
 def load_arrays(rows=None, cache_dir=None, rebuild=False, progress=True, data_dir=None):
     """Preprocessed arrays for the CSV rows ``rows`` (all if None), cached.
 
@@ -461,8 +467,7 @@ def load_arrays(rows=None, cache_dir=None, rebuild=False, progress=True, data_di
         path = full_path
     else:
         rows = np.asarray(rows, np.int64)
-        digest = hashlib.sha1(rows.tobytes()).hexdigest()[:16]
-        path = os.path.join(cdir, f"qm9_subset_{digest}.npz")
+        path = os.path.join(cdir, subset_cache_name(rows))
         if not rebuild and not os.path.exists(path) and os.path.exists(full_path):
             full = load_cache(full_path)
             pos = np.full(int(full["rows"].max()) + 1, -1, np.int64)
@@ -528,11 +533,70 @@ def bond_features(arrays, features="rdkit"):
     return e
 
 
-def make_graphs(arrays, y=None, features="rdkit"):
-    """List of ``spektral.data.Graph``: x (n, 11), a (n, n) dense 0/1 bond adjacency,
-    e (directed bonds in row-major order of a, 4 features), y (11,), pos (n, 3) Angstrom."""
-    from spektral.data import Graph
+def spektral_data():
+    """``spektral.data`` when spektral (and so TensorFlow) can be imported, else None.
 
+    The QM9 run needs neither: without them ``make_graphs`` and ``QM9Graphs`` use ``MinimalGraph`` /
+    ``MinimalDataset`` (the few attributes of spektral's ``Graph`` / ``Dataset`` this module reads), so a
+    JAX- or torch-only install trains from a cached ``.npz`` with the same batches."""
+    try:
+        import spektral.data
+    except ImportError:  # not installed, or TensorFlow missing under it
+        return None
+    return spektral.data
+
+
+class MinimalGraph:
+    """Stand-in for ``spektral.data.Graph`` when spektral is not installed: attributes x, a, e, y, pos."""
+
+    def __init__(self, x=None, a=None, e=None, y=None, **kwargs):
+        self.x, self.a, self.e, self.y = x, a, e, y
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    @property
+    def n_nodes(self):
+        return 0 if self.x is None else int(self.x.shape[0])
+
+    def __repr__(self):
+        return f"MinimalGraph(n_nodes={self.n_nodes})"
+
+
+class MinimalDataset:
+    """Stand-in for a ``spektral.data.Dataset`` when spektral is not installed: a sized, indexable list of
+    graphs (integer index -> graph; slice or index array -> a dataset of those graphs)."""
+
+    def __init__(self, graphs, name="qm9"):
+        self.graphs = list(graphs)
+        self.name = name
+
+    def __len__(self):
+        return len(self.graphs)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self.graphs[key]
+        if isinstance(key, slice):
+            return MinimalDataset(self.graphs[key], self.name)
+        return MinimalDataset([self.graphs[int(k)] for k in np.asarray(key).ravel()], self.name)
+
+    def __iter__(self):
+        return iter(self.graphs)
+
+    @property
+    def n_graphs(self):
+        return len(self.graphs)
+
+    def __repr__(self):
+        return f"MinimalDataset(n_graphs={len(self.graphs)})"
+
+
+def make_graphs(arrays, y=None, features="rdkit"):
+    """List of graphs (``spektral.data.Graph``, or ``MinimalGraph`` without spektral): x (n, 11), a (n, n)
+    dense 0/1 bond adjacency, e (directed bonds in row-major order of a, 4 features), y (11,), pos (n, 3)
+    Angstrom."""
+    spektral_data_module = spektral_data()
+    graph_class = spektral_data_module.Graph if spektral_data_module is not None else MinimalGraph
     x_all = node_features(arrays, features)
     eb_all = bond_features(arrays, features)
     n_atoms = arrays["n_atoms"].astype(np.int64)
@@ -553,7 +617,7 @@ def make_graphs(arrays, y=None, features="rdkit"):
         bond = np.zeros((n, n, 4), np.float32)
         bond[b[:, 0], b[:, 1]] = eb
         bond[b[:, 1], b[:, 0]] = eb
-        graphs.append(Graph(x=xs[m], a=a, e=bond[a > 0], y=y[m], pos=ps[m]))
+        graphs.append(graph_class(x=xs[m], a=a, e=bond[a > 0], y=y[m], pos=ps[m]))
     return graphs
 
 
@@ -587,7 +651,10 @@ def _spektral_dataset_class():
 
 
 def QM9Graphs(graphs, **kwargs):  # noqa: N802 - spektral (and so TensorFlow) is imported on first use
-    """A ``spektral.data.Dataset`` holding ``graphs`` (see ``_spektral_dataset_class``)."""
+    """A ``spektral.data.Dataset`` holding ``graphs`` (see ``_spektral_dataset_class``), or a
+    ``MinimalDataset`` when spektral cannot be imported."""
+    if spektral_data() is None:
+        return MinimalDataset(graphs, **kwargs)
     return _spektral_dataset_class()(graphs, **kwargs)
 
 
@@ -704,10 +771,9 @@ def collate(graphs, batch_size=None, edges="complete", node_quantum=256, edge_qu
     B, padding edges join the first padding node to itself.  So only a few
     shapes ever occur (few recompilations under JAX / XLA).
     """
-    from spektral.data.utils import to_disjoint
-
     b = batch_size or len(graphs)
-    x, i = to_disjoint(x_list=[g.x for g in graphs])
+    x = np.concatenate([g.x for g in graphs], axis=0)
+    i = np.repeat(np.arange(len(graphs), dtype=np.int32), [g.n_nodes for g in graphs])
     n_real = len(x)
     srcs, dsts, es = [], [], []
     offset = 0
@@ -836,8 +902,9 @@ __all__ = [
     "FORMAT_VERSION", "TARGETS", "TARGET_LABELS", "TARGET_UNITS", "PAPER_SCALE", "PAPER_UNITS",
     "HARTREE_TO_EV", "ATOMREF_EV", "CacheVersionError", "qm9pack_data_dir", "default_cache_dir",
     "read_qm9_frame", "parse_elements", "parse_xyz", "featurize_molecule", "qm9_targets",
-    "preprocess", "save_cache", "load_cache", "split_indices", "load_arrays", "node_features",
-    "bond_features", "make_graphs", "QM9Graphs", "QM9Data", "load_qm9", "graph_edges", "collate",
+    "preprocess", "subset_cache_name", "save_cache", "load_cache", "split_indices", "load_arrays", "node_features",
+    "bond_features", "spektral_data", "MinimalGraph", "MinimalDataset", "make_graphs",
+    "QM9Graphs", "QM9Data", "load_qm9", "graph_edges", "collate",
     "GraphLoader", "edge_count_stats",
 ]
 

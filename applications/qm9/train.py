@@ -76,20 +76,43 @@ class KeepBest(keras.callbacks.Callback):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Records each epoch's wall time; with ``log`` prints one short line per epoch."""
+    """Records each epoch's wall time and its training part (up to the validation pass); with ``log`` prints
+    one short line per epoch; with ``curve_path`` rewrites that JSON file after every epoch with the logs so
+    far (the learning curve survives a run that is stopped early)."""
 
-    def __init__(self, monitor, log=None, prefix=""):
+    def __init__(self, monitor, log=None, prefix="", curve_path=None, meta=None):
         super().__init__()
         self.monitor, self.log, self.prefix = monitor, log, prefix
+        self.curve_path, self.meta = curve_path, dict(meta or {})
 
     def on_train_begin(self, logs=None):
-        self.times = []
-        self._t = time.perf_counter()
+        self.times, self.train_times, self.curve = [], [], {}
+        self._t = self._epoch_start = time.perf_counter()
+        self._train_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start, self._train_end = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self._train_end is None:  # the validation pass at the end of a training epoch
+            self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
         self.times.append(now - self._t)
+        self.train_times.append((self._train_end or now) - self._epoch_start)
         self._t = now
+        for key, value in (logs or {}).items():
+            try:
+                self.curve.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                continue
+        if self.curve_path:
+            doc = dict(self.meta, epochs_done=epoch + 1, epoch_seconds=self.times,
+                       train_seconds_per_epoch=self.train_times, history=self.curve)
+            with open(self.curve_path + ".tmp", "w") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(self.curve_path + ".tmp", self.curve_path)
         if self.log is not None and logs:
             lr = logs.get("learning_rate")
             self.log(f"{self.prefix}epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f}, "
@@ -126,11 +149,14 @@ def mae_metrics(d, tasks):
     return out
 
 
-def build_and_compile(d, cfg, tasks, balancer):
+def build_and_compile(d, cfg, tasks, balancer, name=None):
+    """The model, compiled with ``balancer`` (a registered name or a fresh ``Balancer``; ``name`` its
+    registered name when an instance is given)."""
+    name = name or balancer
     m = qmodel.build_model(tasks, dim=cfg["dim"], edge_hidden=cfg["edge_hidden"], steps=cfg["steps"],
                            set2set_steps=cfg["set2set_steps"], out_dim=cfg["out_dim"])
     kwargs = {}
-    if keras.backend.backend() == "jax" and balancer != "ew":
+    if keras.backend.backend() == "jax" and name != "ew":
         import jax
 
         if jax.default_backend() == "cpu":
@@ -154,11 +180,14 @@ def _history_floats(history):
     return out
 
 
-def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None):
-    """Train one model; returns (model, history dict, info)."""
+def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None, curve_path=None, name=None,
+            tag=None):
+    """Train one model; returns (model, history dict, test MAE, info).  ``curve_path``: a JSON file rewritten
+    after every epoch with the history so far (``EpochTimer``)."""
     keras.utils.set_random_seed(seed)
     train, val, test, steps = make_loaders(d, cfg, tasks, seed)
-    m = build_and_compile(d, cfg, tasks, balancer)
+    name = name or (balancer if isinstance(balancer, str) else type(balancer).__name__.lower())
+    m = build_and_compile(d, cfg, tasks, balancer, name=name)
     if len(tasks) > 1:
         monitor, mode = "val_delta_p", "max"
         callbacks = [DeltaP({f"{t}_mae": val_baselines[t] for t in tasks})]
@@ -166,11 +195,17 @@ def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None):
         monitor, mode = f"val_{tasks[0]}_mae", "min"
         callbacks = []
     keep = KeepBest(monitor, mode)
-    tag = f"STL {tasks[0]}" if len(tasks) == 1 else balancer
-    timer = EpochTimer(monitor, log if verbose == 0 else None, prefix=f"  [{tag} seed {seed}] ")
+    tag = f"STL {tasks[0]}" if len(tasks) == 1 else (tag or name)
+    timer = EpochTimer(monitor, log if verbose == 0 else None, prefix=f"  [{tag} seed {seed}] ",
+                       curve_path=curve_path, meta=dict(balancer=tag, seed=seed, tasks=list(tasks),
+                                                        config=cfg, backend=keras.backend.backend()))
     callbacks += [keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=cfg["lr_factor"],
                                                     patience=cfg["lr_patience"], min_lr=cfg["min_lr"]),
                   keep, timer]
+    if verbose == 1 and len(tasks) > 1:  # Keras' bar would print ~4 keys per task at every update
+        from applications.experiment import compact_progbar
+
+        callbacks.append(compact_progbar(tasks))
     t0 = time.perf_counter()
     hist = m.fit(train, validation_data=val, epochs=cfg["epochs"], callbacks=callbacks,
                  verbose=verbose, steps_per_epoch=None)
@@ -181,7 +216,7 @@ def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None):
     info = dict(best_epoch=(keep.best_epoch + 1) if keep.best_epoch is not None else None,
                 best_monitor=keep.best, monitor=monitor, train_seconds=train_seconds,
                 eval_seconds=time.perf_counter() - t0, epoch_seconds=timer.times,
-                steps_per_epoch=steps)
+                train_seconds_per_epoch=timer.train_times, steps_per_epoch=steps)
     history = _history_floats(hist.history)
     return m, history, test_mae, info
 
@@ -202,16 +237,22 @@ def run_stl(d, cfg, seeds, verbose=1, log=print):
     return dict(test=test, val=val, runs=runs)
 
 
-def run_mtl(d, cfg, balancer, seeds, baselines, verbose=1, log=print):
+def run_mtl(d, cfg, balancer, seeds, baselines, verbose=1, log=print, on_run=None, out=None):
+    """Trains ``balancer`` once per seed; ``on_run(run)`` is called as soon as each run finishes (the CLI
+    writes ``<out>/run_<balancer>_seed<seed>.json`` there, so a later failure loses nothing); with ``out``,
+    ``<out>/curve_<balancer>_seed<seed>.json`` holds the learning curve so far after every epoch."""
     val_base = baselines.get("val") or baselines["test"]
     runs = []
     for seed in seeds:
         log(f"[{balancer}] seed {seed}")
+        curve = os.path.join(out, f"curve_{balancer}_seed{seed}.json") if out else None
         _, hist, test_mae, info = fit_one(d, cfg, list(qdata.TARGETS), balancer, seed, val_base, verbose,
-                                          log)
+                                          log, curve_path=curve)
         dp = delta_p({f"{t}_mae": v for t, v in test_mae.items()},
                      {f"{t}_mae": baselines["test"][t] for t in qdata.TARGETS})
         runs.append(dict(seed=seed, test_mae=test_mae, delta_p=dp, history=hist, **info))
+        if on_run is not None:
+            on_run(runs[-1])
         log(f"[{balancer}] seed {seed}: test Δp {dp:+.2f}% (best val epoch {info['best_epoch']}, "
             f"{info['train_seconds']:.0f} s)")
     return runs
@@ -296,30 +337,41 @@ def _json_default(o):
 # --------------------------------------------------------------------------- main entry
 
 
-def main(args, command):
-    """Run what the CLI asked for (``args`` from ``__main__.parser``)."""
+def main(args, command, plan):
+    """Run what the CLI asked for (``args`` from ``__main__.parser``; ``plan`` the checked
+    ``applications.experiment.Plan``: balancer settings, seeds, output folder)."""
     cfg = dict(PRESETS[args.preset])
-    for key in ("epochs", "batch_size", "edges", "dim"):
+    for key in ("epochs", "batch_size", "edges", "dim", "lr_patience"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     if args.subset is not None:
         cfg["subset"] = None if args.subset == [0] else tuple(args.subset)
-    seeds = args.seeds if args.seeds else list(cfg["seeds"])
-    out = args.out or os.path.join("results", f"qm9_{args.preset}")
-    os.makedirs(out, exist_ok=True)
+    seeds = plan.seeds
+    out = plan.out
     log_lines = []
 
     def log(msg):
         print(msg, flush=True)
         log_lines.append(msg)
 
+    baselines_file = args.baselines or (os.path.join(out, f"stl_baselines_{args.preset}.json")
+                                        if args.stl else baselines_path(args.preset))
+    if plan.settings and not args.stl and not os.path.isfile(baselines_file):
+        raise FileNotFoundError(f"STL baselines {baselines_file} do not exist: pass --stl to train them, or "
+                                "--baselines FILE.")
     timings = {}
     t_start = time.perf_counter()
-    log(f"QM9 {args.preset} preset on {keras.backend.backend()}: {json.dumps(cfg)}; seeds {seeds}")
+    log(f"QM9 {args.preset} preset on {keras.backend.backend()}: {json.dumps(cfg)}; seeds {seeds}; "
+        f"settings {[s.label for s in plan.settings]}")
     t0 = time.perf_counter()
     d = qdata.load_qm9(cache_dir=args.cache_dir, split_seed=args.split_seed, subset=cfg["subset"],
                        features=args.features, rebuild=args.rebuild_cache)
     timings["data_seconds"] = time.perf_counter() - t0
+    if getattr(args, "prepare_data", False):
+        size = os.path.getsize(d.info["cache"]) / 2**20
+        log(f"data: {d}; cache {d.info['cache']} ({size:.1f} MiB) ready: run with --cache-dir "
+            f"{os.path.dirname(d.info['cache'])}")
+        return dict(cache=d.info["cache"], n=dict(train=len(d.train), val=len(d.val), test=len(d.test)))
     log(f"data: {d} in {timings['data_seconds']:.1f} s (cache {d.info['cache']}); RDKit could not assign "
         f"bond orders to {d.info['n_rdkit_failed']} of these molecules (kept, all bonds single)")
 
@@ -342,28 +394,46 @@ def main(args, command):
         log(f"STL baselines written to {path} (copy to {baselines_path(args.preset)} to make them the default)")
         report["stl"] = stl_doc
 
-    baselines_file = args.baselines or (os.path.join(out, f"stl_baselines_{args.preset}.json")
-                                        if args.stl else baselines_path(args.preset))
-    balancers = [] if (args.stl and not args.balancer_given) else args.balancer
-    if balancers:
+    if plan.settings:
+        from applications import experiment
+
         baselines = load_baselines(baselines_file)
         log(f"Δp against STL baselines in {baselines_file}")
-        results = {}
-        for b in balancers:
+        val_base = baselines.get("val") or baselines["test"]
+
+        def train_one(setting, seed):
             t0 = time.perf_counter()
-            results[b] = run_mtl(d, cfg, b, seeds, baselines, verbose=args.verbose, log=log)
-            timings[f"{b}_seconds"] = time.perf_counter() - t0
+            curve = os.path.join(out, f"curve_{setting.file_label}_seed{seed}.json")
+            _, hist, test_mae, info = fit_one(d, cfg, list(qdata.TARGETS), setting.make(), seed, val_base,
+                                              args.verbose, log, curve_path=curve, name=setting.balancer,
+                                              tag=setting.label)
+            dp = delta_p({f"{t}_mae": v for t, v in test_mae.items()},
+                         {f"{t}_mae": baselines["test"][t] for t in qdata.TARGETS})
+            log(f"[{setting.label}] seed {seed}: test Δp {dp:+.2f}% (best val epoch {info['best_epoch']}, "
+                f"{time.perf_counter() - t0:.0f} s)")
+            return dict(balancer=setting.balancer, test_mae=test_mae, delta_p=dp,
+                        val_delta_p=info["best_monitor"], history=hist, **info)
+
+        meta = {k: report[k] for k in ("command", "preset", "backend", "config", "split_seed", "features")}
+        t0 = time.perf_counter()
+        done = experiment.run_plan(plan, train_one, log=log, meta=meta)
+        timings["mtl_seconds"] = time.perf_counter() - t0
+        results = done["runs"]
         rows = summarize(results, baselines)
         table = markdown_table(rows, baselines)
-        report.update(baselines_file=os.path.abspath(baselines_file), summary=rows,
-                      runs={b: [{k: v for k, v in r.items()} for r in rs] for b, rs in results.items()})
+        report.update(baselines_file=os.path.abspath(baselines_file), summary=rows, runs=results,
+                      grids=done["grids"])
         png = os.path.join(out, "qm9_results.png")
-        plot_results(rows, baselines, results, png)
+        try:
+            plot_results(rows, baselines, results, png)
+        except ImportError as err:  # matplotlib is optional: the JSON and table hold every number
+            png = f"(no plot: {err})"
         log("\nTest MAE (paper units) at the best validation-Δp epoch, mean over seeds:\n" + table)
+        log("\n" + done["table"])
         log(f"plot: {png}")
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(f"# QM9 ({args.preset} preset, {keras.backend.backend()} backend, seeds {seeds})\n\n")
-            f.write(f"Command: `{command}`\n\n{table}\n\nSTL baselines: `{baselines_file}`\n")
+            f.write(f"Command: `{command}`\n\n{table}\n\n{done['table']}\nSTL baselines: `{baselines_file}`\n")
     timings["total_seconds"] = time.perf_counter() - t_start
     report["timings"] = timings
     log("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from applications.common import parse_balancer_args
+from applications import experiment
 
 
 def build_parser(preset):
@@ -20,9 +20,7 @@ def build_parser(preset):
     p.add_argument("--write-samples", type=int, default=0, metavar="N",
                    help="first write N synthetic train and N//2 val samples into an empty --data-root "
                         "(at --image-size, default 32x32) for a smoke run")
-    p.add_argument("--backend", default=None, choices=["tensorflow", "torch", "jax"], help="sets KERAS_BACKEND")
-    p.add_argument("--balancer", default="dbmtl", help="registered balancer (keras_dbmtl.balancers.names())")
-    p.add_argument("--balancer-args", default="", help="e.g. beta=0.5,beta_sigma=0.5")
+    experiment.add_arguments(p, balancers=("dbmtl",), seeds=(0,), out=f"results/{preset['name']}")
     p.add_argument("--arch", default="hps", choices=["hps", "mtan", "cross_stitch", "segnet"])
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(preset['tasks'])}")
     p.add_argument("--stl", action="store_true", help="also train one single-task model per task (Δp baseline)")
@@ -55,23 +53,41 @@ def build_parser(preset):
     p.add_argument("--loader", default="pydataset", choices=["pydataset", "tf"],
                    help="keras.utils.PyDataset (any backend) or tf.data (needs TensorFlow)")
     p.add_argument("--workers", type=int, default=0, help="loader threads (PyDataset workers)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=f"results/{preset['name']}", help="folder for <tag>.json and <tag>.md")
-    p.add_argument("--tag", default=None, help="file name stem (default <dataset>_<arch>_<balancer>_<backend>)")
+    p.add_argument("--seed", type=int, default=None, help="one training seed (the same as --seeds SEED)")
+    p.add_argument("--tag", default=None,
+                   help="file name stem (default <dataset>_<arch>_<balancer>_<backend>; with several settings or "
+                        "seeds, _<setting>_seed<seed> is appended)")
     p.add_argument("--verbose", type=int, default=2)
     return p
 
 
 def select_backend(backend):
-    if backend:
-        if "keras" in sys.modules and os.environ.get("KERAS_BACKEND", "tensorflow") != backend:
-            raise SystemExit("--backend must be chosen before keras is imported")
-        os.environ["KERAS_BACKEND"] = backend
+    try:
+        experiment.apply_backend(backend)
+    except experiment.ExperimentError as err:
+        raise SystemExit(str(err)) from None
 
 
 def main(preset, argv=None):
+    """Checks every argument, then trains each balancer setting and seed (`applications.experiment`); STL models
+    (`--stl`) are trained once, with the first run, and reused. NYUv2 and Cityscapes have no validation split:
+    as in the reference, epochs (and so a `--grid`'s setting) are chosen on the test split. Returns the last
+    run's summary with the runner's `experiment` (runs, grid winners, table) added."""
+    prog = f"python -m applications.{preset['name']}"
     args = build_parser(preset).parse_args(argv)
+    if args.seed is not None:
+        if args.seeds is not None:
+            raise SystemExit(f"{prog}: error: give --seed or --seeds, not both")
+        args.seeds = [args.seed]
     select_backend(args.backend)
+    unknown = [t for t in (args.tasks.split(",") if args.tasks else []) if t not in preset["tasks"]]
+    if unknown:
+        raise SystemExit(f"{prog}: error: --tasks: unknown {unknown}; {preset['title']} has "
+                         f"{', '.join(preset['tasks'])}.")
+    try:
+        plan = experiment.plan_from_args(args)
+    except experiment.ExperimentError as err:
+        raise SystemExit(f"{prog}: error: {err}") from None
     from applications.scene import data, train
 
     defaults = dict(preset["defaults"], **preset["arch_defaults"].get(args.arch, {}))
@@ -81,22 +97,43 @@ def main(preset, argv=None):
         data.write_samples(args.data_root, num_train=args.write_samples, num_val=max(args.write_samples // 2, 1),
                            image_size=tuple(args.image_size or (32, 32)),
                            num_classes=preset["tasks"]["segmentation"], normals="normal" in preset["tasks"],
-                           seed=args.seed)
+                           seed=plan.seeds[0])
     weights = args.weights
     if str(weights).lower() == "auto":
         weights = defaults["weights"] if args.backbone == "resnet50" else None
     elif str(weights).lower() in ("", "none", "null"):
         weights = None
-    summary = train.run(
-        preset, args.data_root, balancer=args.balancer, stl=args.stl, stl_results=args.stl_results,
-        out_dir=args.out, tag=args.tag, tasks=args.tasks.split(",") if args.tasks else None,
-        arch=args.arch, balancer_args=parse_balancer_args(args.balancer_args) or None, epochs=args.epochs,
-        batch_size=args.batch_size or defaults["batch_size"], eval_batch_size=args.eval_batch_size,
-        learning_rate=args.lr, weight_decay=args.weight_decay, lr_decay_epoch=args.lr_decay_epoch,
-        augment=defaults["augment"] if args.aug is None else args.aug,
-        image_size=tuple(args.image_size) if args.image_size else None, max_samples=args.max_samples,
-        backbone=args.backbone, weights=weights, head_channels=args.head_channels, segnet_width=args.segnet_width,
-        output_stride=args.output_stride, select=args.select, eval_every=args.eval_every, seed=args.seed,
-        loader=args.loader, workers=args.workers, verbose=args.verbose)
-    print(summary["markdown"])
+    single = len(plan.settings) == 1 and len(plan.seeds) == 1
+    stl_json = [args.stl_results]
+    summaries = []
+
+    def train_one(setting, seed):
+        tag = args.tag or f"{preset['name']}_{args.arch}_{setting.balancer}_{experiment.backend_name()}"
+        if not single:
+            tag = f"{tag}_{setting.file_label}_seed{seed}"
+        summary = train.run(
+            preset, args.data_root, balancer=setting.balancer, stl=args.stl and not stl_json[0],
+            stl_results=stl_json[0], out_dir=plan.out, tag=tag, tasks=args.tasks.split(",") if args.tasks else None,
+            arch=args.arch, balancer_args=setting.kwargs or None, epochs=args.epochs,
+            batch_size=args.batch_size or defaults["batch_size"], eval_batch_size=args.eval_batch_size,
+            learning_rate=args.lr, weight_decay=args.weight_decay, lr_decay_epoch=args.lr_decay_epoch,
+            augment=defaults["augment"] if args.aug is None else args.aug,
+            image_size=tuple(args.image_size) if args.image_size else None, max_samples=args.max_samples,
+            backbone=args.backbone, weights=weights, head_channels=args.head_channels,
+            segnet_width=args.segnet_width, output_stride=args.output_stride, select=args.select,
+            eval_every=args.eval_every, seed=seed, loader=args.loader, workers=args.workers, verbose=args.verbose)
+        if args.stl and not stl_json[0]:
+            stl_json[0] = os.path.join(plan.out, f"{tag}.json")  # the first run's STL models serve every later one
+        print(summary["markdown"])
+        summaries.append(summary)
+        result = {k: v for k, v in summary.items() if k != "model"}
+        # no validation split: the selection score is the test Δp at the selected epoch (the reference's rule)
+        result.update(val_delta_p=summary["delta_p"], selection_split="test")
+        return result
+
+    done = experiment.run_plan(plan, train_one, meta=dict(command=[prog] + list(argv or sys.argv[1:])))
+    if not single:
+        print(done["table"])
+    summary = summaries[-1]
+    summary["experiment"] = done
     return summary

@@ -41,6 +41,7 @@ assert targets["depth"].shape == (2, 32, 48, 1) and targets["normal"].shape == (
 ```
 """
 
+import contextlib
 import math
 import os
 
@@ -358,6 +359,33 @@ class SceneDataset(keras.utils.PyDataset):
         self._order = self._make_order()
 
 
+class _LastDataError:
+    """The newest `DataError` raised inside a tf.data pipeline (TensorFlow wraps it in its own error type)."""
+
+    count = 0
+    error = None
+
+
+def _remember_data_error(error):
+    _LastDataError.count += 1
+    _LastDataError.error = error
+
+
+@contextlib.contextmanager
+def tf_data_errors_unwrapped():
+    """Re-raises the loader's `DataError` that a tf.data pipeline (`make_tf_dataset`) wrapped in a TensorFlow
+    error (InvalidArgumentError, UnknownError), chained to it, so that `except DataError` works on both loaders."""
+    seen = _LastDataError.count
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as error:
+        if _LastDataError.count > seen and _LastDataError.error is not None:
+            raise _LastDataError.error from error
+        raise
+
+
 def make_tf_dataset(root, split="train", tasks=("segmentation", "depth", "normal"), batch_size=8,
                     augment=False, shuffle=None, drop_last=None, max_samples=None, image_size=None, seed=None,
                     scales=DEFAULT_SCALES, flip_probability=0.5):
@@ -372,7 +400,11 @@ def make_tf_dataset(root, split="train", tasks=("segmentation", "depth", "normal
 
     def load(position, sample_seed):
         rng = np.random.default_rng(int(sample_seed) & 0x7FFFFFFFFFFFFFFF)
-        sample = source.load(int(position), rng)
+        try:
+            sample = source.load(int(position), rng)
+        except DataError as error:  # tf.numpy_function wraps it: `tf_data_errors_unwrapped` re-raises it
+            _remember_data_error(error)
+            raise
         return tuple(sample[name] for name, _, _ in signature)
 
     def load_tf(position, sample_seed):

@@ -28,7 +28,7 @@ from keras_dbmtl import losses as mtl_losses
 from keras_dbmtl import metrics as mtl_metrics
 
 from applications.common import add_weight_decay, write_results
-from applications.scene.data import SceneDataset, make_tf_dataset
+from applications.scene.data import SceneDataset, make_tf_dataset, tf_data_errors_unwrapped
 from applications.scene.models import SIZE_MULTIPLE, build_scene_model
 
 # Log-key suffix of each keras_dbmtl metric -> column of the paper's tables (and of tests/data/paper_tables/*.csv).
@@ -140,13 +140,16 @@ def train_scene(data_root, tasks, arch="hps", balancer="ew", balancer_args=None,
                   metrics=task_metrics(tasks), balancer=keras_dbmtl.balancers.get(balancer, **(balancer_args or {})))
     every = max(int(eval_every), 1)
     started = time.time()
-    history = model.fit(train, epochs=epochs, validation_data=test, validation_freq=every,
-                        callbacks=list(callbacks or []), verbose=verbose).history
+    with tf_data_errors_unwrapped():  # a bad file raises the loader's DataError with the tf.data loader too
+        history = model.fit(train, epochs=epochs, validation_data=test, validation_freq=every,
+                            callbacks=list(callbacks or []), verbose=verbose).history
     seconds = time.time() - started
     # Keras leaves the epochs without test results out of the val_ series: put them back as None.
     val_epochs = [e for e in range(epochs) if (e + 1) % every == 0]
     if not val_epochs or val_epochs[-1] != epochs - 1:
-        for key, value in model.evaluate(test, return_dict=True, verbose=0).items():
+        with tf_data_errors_unwrapped():
+            results = model.evaluate(test, return_dict=True, verbose=0)
+        for key, value in results.items():
             history.setdefault("val_" + key, []).append(value)
         val_epochs.append(epochs - 1)
     aligned = {}

@@ -13,7 +13,9 @@ Gradient level (T backward): MGDA, GradNorm, PCGrad, GradDrop, GradVac, IMTLG, C
 MetaBalance, MoCo, AlignedMTL, FairGrad, ExcessMTL, UPGrad, ConFIG, DBMTL. Hybrid: IMTL.
 """
 
-from keras_dbmtl.balancers.base import Aggregation, Balancer, TaskJacobian
+from keras_dbmtl.balancers.base import (
+    Aggregation, Balancer, GramianBalancer, JacobianBalancer, LossBalancer, TaskJacobian, TaskLosses,
+)
 from keras_dbmtl.balancers.registry import get, names, register
 from keras_dbmtl.balancers.ew import EW
 from keras_dbmtl.balancers.dbmtl import DBMTL
@@ -45,7 +47,8 @@ from keras_dbmtl.balancers.upgrad import UPGrad
 from keras_dbmtl.balancers.config import ConFIG
 
 __all__ = [
-    "Aggregation", "Balancer", "TaskJacobian", "get", "names", "register",
+    "Aggregation", "Balancer", "GramianBalancer", "JacobianBalancer", "LossBalancer", "TaskJacobian", "TaskLosses",
+    "get", "names", "register",
     "EW", "DBMTL", "GLS", "RLW", "UW", "DWA", "IMTLL", "IGBv2", "FAMO", "STCH", "STL",
     "MGDA", "GradNorm", "PCGrad", "GradDrop", "GradVac", "IMTLG", "IMTL", "CAGrad", "MTAdam", "NashMTL",
     "MetaBalance", "MoCo", "AlignedMTL", "FairGrad", "ExcessMTL", "UPGrad", "ConFIG",

@@ -14,7 +14,7 @@ their own task's gradient.
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -26,13 +26,11 @@ def aligned_weights(gramian):
 
 
 @register("aligned_mtl")
-class AlignedMTL(Balancer):
+class AlignedMTL(GramianBalancer):
     """Aligned-MTL: the gradient system made orthogonal with equal norms (its smallest singular value).
 
     Cost: T backward + O(T^2 P) Gramian.
     """
 
-    needs = "gramian"
-
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         return Aggregation(task_weights=aligned_weights(task_jacobian.gramian()))

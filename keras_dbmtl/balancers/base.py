@@ -1,30 +1,38 @@
-"""What every balancer is.
+"""What every balancer is, and its three kinds.
 
 A balancer turns the T task losses (and, for gradient-level methods, the T x P task Jacobian of the shared
-variables) into one update. It is a small transformation with explicit state:
+variables) into one update. It is a small transformation with explicit state. The model hands it a `TaskLosses`
+record: the raw losses (float32, of the global batch) and the transformed ones (`transform_losses`, e.g.
+log(loss + eps)); a method reads whichever its paper uses and nothing is un-transformed. The kind is the class:
 
-    transform_losses(task_losses)            -> transformed losses (T,)         [e.g. log(loss + eps)]
-    combine_losses(transformed_losses)       -> scalar loss                     [loss-level methods]
-    aggregate(transformed_losses, jacobian)  -> Aggregation(shared_direction,   [gradient-level methods]
-                                                            task_weights, head_weights)
+- `LossBalancer` (EW, GLS, UW, DWA, ...): `combine_losses(losses) -> (scalar, task_weights)`. The model
+  differentiates the scalar once with respect to every trainable variable. No per-task gradients are computed.
+- `GramianBalancer` (MGDA, IMTL-G, CAGrad, ...): `aggregate(losses, jacobian) -> Aggregation` reading only
+  `jacobian.gramian()` / `jacobian.norms()` (T x T); the shared direction is w^T J, formed block by block.
+- `JacobianBalancer` (DB-MTL, MoCo, MTAdam, ...): `aggregate(losses, jacobian)` reading the T x P Jacobian
+  (`jacobian.matrix()` or `jacobian.blocks`); it may return the flat shared direction (P,).
 
-Three kinds, declared by `needs`:
-
-- `"losses"`: a loss-level method (EW, GLS, UW, DWA, ...). The model differentiates `combine_losses(...)` once
-  with respect to every trainable variable. No per-task gradients are computed.
-- `"gramian"`: a gradient-level method that only needs the T x T Gramian J J^T (MGDA, IMTL-G, ...). It returns
-  task weights w and the shared direction is w^T J, formed block by block without concatenating J.
-- `"jacobian"`: a gradient-level method that needs the task gradients themselves (DB-MTL, PCGrad, ...). It
-  returns the flat shared direction (P,).
+The model forms one `TaskJacobian` per step; its Gramian is computed at most once (the logged gradient norms
+read the same one).
 
 Head (task-specific) variables are updated from the gradient of their own task's transformed loss, multiplied by
 `head_weights[t]` (1 for most methods; MGDA-style methods weight the heads too).
 
-State lives in Keras variables created with `add_weight` in `build(num_tasks, num_shared_parameters)`, so the
-model tracks them: they are saved in `.keras` files, restored by `BackupAndRestore`, and threaded through the
-JAX stateless train step. A balancer is a `keras.layers.Layer` only for that tracking; it is never called on
-tensors.
+What else a method may need, through the interface (nothing is special-cased in the model):
+- learned variables (UW, GradNorm, IMTL): `add_weight(..., trainable=True)` in `build`; the model's optimizer
+  updates them with the gradient of the combined loss (loss level) or of sum_t transformed_losses[t];
+- a forward pass after the update (FAMO): override `after_step(raw_losses, losses_after)`, where
+  `losses_after()` runs that forward pass on the same batch; the default does nothing (and runs nothing);
+- an epoch boundary (DWA, IGBv2, STCH): `on_epoch_end(epoch)`.
+
+State lives in Keras variables created with `add_weight` in `build(num_tasks, num_shared_parameters, task_names,
+shared_shapes)`, so the model tracks them: they are saved in `.keras` files, restored by `BackupAndRestore`, and
+threaded through the JAX stateless train step. A balancer is a `keras.layers.Layer` only for that tracking; it is
+never called on tensors.
 """
+
+import collections
+import math
 
 import keras
 from keras import ops
@@ -32,6 +40,16 @@ from keras import ops
 from keras_dbmtl.balancers._checks import check_hyperparameters
 
 LOSS_TRANSFORMS = (None, "log")
+
+
+class TaskLosses(collections.namedtuple("TaskLosses", ["raw", "transformed"])):
+    """The task losses a balancer sees, both (T,) float32: `raw` as the loss functions return them (times
+    `compile(loss_weights=...)`), `transformed` after the balancer's `transform_losses` (what is differentiated).
+    A named tuple, so it passes through `jax.vjp` as auxiliary output."""
+
+    def where(self, flag):
+        """Both losses where `flag`, zeros elsewhere (keeps NaN out of a balancer on a skipped step)."""
+        return TaskLosses(*(ops.where(flag, value, ops.zeros_like(value)) for value in self))
 
 
 class TaskJacobian:
@@ -118,8 +136,8 @@ class Balancer(keras.layers.Layer):
         eps: the epsilon of the log transform.
     """
 
-    #: "losses", "gramian" or "jacobian": what the method needs from the model.
-    needs = "losses"
+    #: Whether the model computes per-task gradients for this balancer (set by the kind; see the module docstring).
+    uses_task_gradients = False
     #: Whether `compile(loss_weights=...)` has a meaning with this balancer (static weights on the raw losses).
     accepts_loss_weights = False
 
@@ -131,14 +149,24 @@ class Balancer(keras.layers.Layer):
         self.eps = float(eps)
         self.num_tasks = None
         self.num_shared_parameters = None
+        self.shared_shapes = None
         self.task_names = None
 
     # ------------------------------------------------------------------ state
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        """Create the state variables. Subclasses call super().build(...) and then `add_weight`."""
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        """Create the state variables. Subclasses call super().build(...) and then `add_weight`.
+
+        `shared_shapes`: the shapes of the shared variables, in the order of the Jacobian's blocks (default: one
+        flat variable of `num_shared_parameters` entries), for state kept per variable.
+        """
         self.num_tasks = int(num_tasks)
         self.num_shared_parameters = int(num_shared_parameters)
         self.task_names = list(task_names) if task_names is not None else None
+        if shared_shapes is None:
+            shared_shapes = [(self.num_shared_parameters,)]
+        self.shared_shapes = [tuple(int(d) for d in shape) for shape in shared_shapes]
+        if sum(math.prod(shape) for shape in self.shared_shapes) != self.num_shared_parameters:
+            raise ValueError(f"shared_shapes {self.shared_shapes} do not hold {num_shared_parameters} parameters.")
         self.iterations = self.add_weight(
             shape=(), dtype="int32", initializer="zeros", trainable=False, name="iterations"
         )
@@ -161,29 +189,30 @@ class Balancer(keras.layers.Layer):
             return ops.log(task_losses + self.eps)
         return task_losses
 
+    def task_losses(self, raw_losses):
+        """The `TaskLosses` record of the raw (T,) losses: what `combine_losses` and `aggregate` receive."""
+        return TaskLosses(raw_losses, self.transform_losses(raw_losses))
+
+    def invalid_losses(self, raw_losses):
+        """(T,) bool: the losses this balancer cannot use (not finite; not positive under the log transform)."""
+        invalid = ops.logical_not(ops.isfinite(raw_losses))
+        if self.loss_transform == "log":
+            invalid = ops.logical_or(invalid, raw_losses <= 0.0)
+        return invalid
+
     def untransform_losses(self, transformed_losses):
-        """The inverse of `transform_losses`: the raw task losses (for methods whose statistics use raw losses)."""
+        """The inverse of `transform_losses` (not used by the train step: balancers read `TaskLosses.raw`)."""
         if self.loss_transform == "log":
             return ops.exp(transformed_losses) - self.eps
         return transformed_losses
 
-    def combine_losses(self, transformed_losses):
-        """Loss-level methods: the scalar that is differentiated once. Returns (loss, task_weights)."""
-        raise NotImplementedError(f"{type(self).__name__} is not a loss-level balancer.")
-
-    def aggregate(self, transformed_losses, task_jacobian):
-        """Gradient-level methods: returns an `Aggregation`."""
-        raise NotImplementedError(f"{type(self).__name__} is not a gradient-level balancer.")
-
     def on_epoch_end(self, epoch):
         """Hook for methods that need an epoch boundary (DWA). Called by the model's fit loop."""
 
-    # Methods that need the task losses of the same mini-batch after the update (FAMO) set this to True: the
-    # model's train step then makes one more forward pass after the optimizer step and calls `update_after_step`.
-    needs_losses_after_update = False
-
-    def update_after_step(self, losses_before, losses_after):
-        """Hook for `needs_losses_after_update`: raw task losses of the batch before and after the update."""
+    def after_step(self, raw_losses, losses_after):
+        """Called after the optimizer update of every applied step. `losses_after()` runs one more forward pass
+        on the same batch (training mode, no gradient) and returns its raw losses: a method calls it only if it
+        needs it (FAMO); the default does nothing."""
 
     # ------------------------------------------------------------------ saving
     # Keras saves a layer's variables but not the state of its SeedGenerators: balancers with random draws (RLW,
@@ -210,3 +239,38 @@ class Balancer(keras.layers.Layer):
 
     def call(self, *args, **kwargs):  # pragma: no cover - never called on tensors
         raise TypeError("A balancer is not called on tensors; compile a MultiTaskModel with it.")
+
+
+class LossBalancer(Balancer):
+    """A loss-level method: weights on the losses, one backward pass of `combine_losses`."""
+
+    uses_task_gradients = False
+
+    def combine_losses(self, losses):
+        """`losses`: a `TaskLosses` record. Returns (scalar loss to differentiate, (T,) task weights to log)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement combine_losses.")
+
+
+class GramianBalancer(Balancer):
+    """A gradient-level method that reads only the T x T Gramian of the task gradients."""
+
+    uses_task_gradients = True
+
+    def aggregate(self, losses, task_jacobian):
+        """`losses`: `TaskLosses`; `task_jacobian`: `TaskJacobian` (use `gramian()` / `norms()` only). Returns an
+        `Aggregation` with `task_weights` (and no `shared_direction`: the model forms w^T J block by block)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement aggregate.")
+
+
+class JacobianBalancer(Balancer):
+    """A gradient-level method that reads the T x P task Jacobian itself."""
+
+    uses_task_gradients = True
+
+    def aggregate(self, losses, task_jacobian):
+        """`losses`: `TaskLosses`; `task_jacobian`: `TaskJacobian`. Returns an `Aggregation`, with the flat (P,)
+        `shared_direction` or None (then w^T J)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement aggregate.")
+
+
+KINDS = (LossBalancer, GramianBalancer, JacobianBalancer)

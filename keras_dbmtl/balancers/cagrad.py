@@ -16,12 +16,12 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("cagrad")
-class CAGrad(Balancer):
+class CAGrad(GramianBalancer):
     """CAGrad: the direction maximising the worst task improvement within a ball around the mean gradient.
 
     Cost: T backward + O(T^2 P) Gramian.
@@ -31,15 +31,13 @@ class CAGrad(Balancer):
         rescale: 0, 1 (default) or 2, the final division (none, 1 + c^2, 1 + c).
     """
 
-    needs = "gramian"
-
     def __init__(self, c=0.5, rescale=1, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, c=(c, "[0, 1)"), rescale=(rescale, "int [0, 2]"))
         self.c = float(c)
         self.rescale = int(rescale)
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         gramian = task_jacobian.gramian()
         num = self.num_tasks
         mean = ops.ones((num,), "float32") / num

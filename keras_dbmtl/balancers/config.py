@@ -14,7 +14,7 @@ T * float32-eps of the largest are dropped, as torch.linalg.pinv). Heads receive
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -29,13 +29,11 @@ def config_weights(gramian, eps=1e-8):
 
 
 @register("config")
-class ConFIG(Balancer):
+class ConFIG(GramianBalancer):
     """ConFIG: equal-cosine direction, scaled by the sum of the task projections.
 
     Cost: T backward + O(T^2 P) Gramian.
     """
 
-    needs = "gramian"
-
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         return Aggregation(task_weights=config_weights(task_jacobian.gramian(), self.eps))

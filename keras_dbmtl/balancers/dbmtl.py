@@ -24,14 +24,14 @@ The EMA buffers are a (T, P) float32 state variable, `ema_gradients`.
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 SCALINGS = ("max", "min", "mean", "median")
 
 
 @register("dbmtl")
-class DBMTL(Balancer):
+class DBMTL(JacobianBalancer):
     """Dual-Balancing MTL: log-transformed losses, EMA task gradients normalised and rescaled by alpha_k.
 
     Args:
@@ -63,17 +63,18 @@ class DBMTL(Balancer):
         self.gradient_balancing = bool(gradient_balancing)
 
     @property
-    def needs(self):
-        return "jacobian" if self.gradient_balancing else "losses"
+    def uses_task_gradients(self):
+        # gradient_balancing=False (log transform only) runs as a loss-level method: no per-task gradients.
+        return self.gradient_balancing
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         if self.gradient_balancing:
             self.ema_gradients = self.state_variable((num_tasks, num_shared_parameters), "ema_gradients")
 
     # Log transform only: EW on the transformed losses (Table 5, row 2).
-    def combine_losses(self, transformed_losses):
-        return ops.sum(transformed_losses), ops.ones_like(transformed_losses)
+    def combine_losses(self, losses):
+        return ops.sum(losses.transformed), ops.ones_like(losses.transformed)
 
     def _alpha(self, ema_norms):
         if not isinstance(self.scaling, str):
@@ -86,7 +87,7 @@ class DBMTL(Balancer):
             return ops.mean(ema_norms)
         return ops.median(ema_norms)
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         gradients = task_jacobian.matrix()                                   # g_t, (T, P)
         k = self.next_step()
         beta_k = self.beta / ops.power(k, self.beta_sigma)                   # beta / k^beta_sigma

@@ -18,39 +18,37 @@ assignments made here take effect on every backend (tested). Without an epoch bo
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("dwa")
-class DWA(Balancer):
+class DWA(LossBalancer):
     """Dynamic weight average over epochs. Cost: 1 backward.
 
     Args:
         temperature: tau (default 2.0, the paper's).
     """
 
-    needs = "losses"
-
     def __init__(self, temperature=2.0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, temperature=(temperature, "(0, inf)"))
         self.temperature = float(temperature)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.loss_sums = self.state_variable((num_tasks,), "loss_sums")
         self.loss_count = self.state_variable((), "loss_count")
         self.epoch_losses = self.state_variable((2, num_tasks), "epoch_losses")  # [L(k-1), L(k-2)]
         self.epochs_seen = self.state_variable((), "epochs_seen")
         self.current_weights = self.state_variable((num_tasks,), "current_weights", initializer="ones")
 
-    def combine_losses(self, transformed_losses):
-        raw = ops.stop_gradient(self.untransform_losses(transformed_losses))
+    def combine_losses(self, losses):
+        raw = ops.stop_gradient(losses.raw)
         self.loss_sums.assign(self.loss_sums + raw)
         self.loss_count.assign(self.loss_count + 1.0)
         weights = ops.convert_to_tensor(self.current_weights)
-        return ops.sum(weights * transformed_losses), weights
+        return ops.sum(weights * losses.transformed), weights
 
     def on_epoch_end(self, epoch):
         if not self.built or float(ops.convert_to_numpy(self.loss_count)) == 0.0:

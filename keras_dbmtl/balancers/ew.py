@@ -8,20 +8,19 @@ With no `loss_transform` it trains exactly like a plain Keras model compiled wit
 
 from keras import ops
 
-from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("ew")
-class EW(Balancer):
+class EW(LossBalancer):
     """Equal weighting: minimises sum_t loss_t (or sum_t log(loss_t + eps) with `loss_transform="log"`)."""
 
-    needs = "losses"
 
     @property
     def accepts_loss_weights(self):
         # A constant factor w on l_t only shifts log(w * l_t) by log(w): no effect under the log transform.
         return self.loss_transform is None
 
-    def combine_losses(self, transformed_losses):
-        return ops.sum(transformed_losses), ops.ones_like(transformed_losses)
+    def combine_losses(self, losses):
+        return ops.sum(losses.transformed), ops.ones_like(losses.transformed)

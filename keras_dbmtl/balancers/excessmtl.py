@@ -13,32 +13,30 @@ eta = 0.01 (`robust_step_size`, the authors' default). State: H (T x P), e(1), w
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("excessmtl")
-class ExcessMTL(Balancer):
+class ExcessMTL(JacobianBalancer):
     """ExcessMTL: weights grow with each task's estimated excess risk. Cost: T backward.
 
     Args:
         robust_step_size: eta (default 0.01).
     """
 
-    needs = "jacobian"
-
     def __init__(self, robust_step_size=0.01, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, robust_step_size=(robust_step_size, "(0, inf)"))
         self.robust_step_size = float(robust_step_size)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.squared_sums = self.state_variable((num_tasks, num_shared_parameters), "squared_sums")   # H
         self.initial_risks = self.state_variable((num_tasks,), "initial_risks")
         self.current_weights = self.state_variable((num_tasks,), "current_weights", initializer="ones")
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         first = ops.equal(self.iterations, 0)
         self.next_step()
         gradients = task_jacobian.matrix()

@@ -13,26 +13,24 @@ multiply the task losses (heads included), as the official weighted loss sum_t w
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("fairgrad")
-class FairGrad(Balancer):
+class FairGrad(GramianBalancer):
     """FairGrad: alpha-fair task weights solving G w = w^(-1/alpha). Cost: T backward + O(T^2 P) Gramian.
 
     Args:
         alpha: fairness parameter > 0 (default 1.0).
     """
 
-    needs = "gramian"
-
     def __init__(self, alpha=1.0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, alpha=(alpha, "(0, inf)"))
         self.alpha = float(alpha)
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         weights = solvers.power_fair_weights(task_jacobian.gramian(), self.alpha)
         return Aggregation(task_weights=weights, head_weights=weights)
 

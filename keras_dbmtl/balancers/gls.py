@@ -10,22 +10,20 @@ GLS is already invariant to the scale of each loss, so `loss_transform="log"` is
 from keras import ops
 
 from keras_dbmtl.balancers._checks import reject_log_transform
-from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("gls")
-class GLS(Balancer):
+class GLS(LossBalancer):
     """Geometric mean of the task losses. No hyperparameters. Cost: 1 backward."""
-
-    needs = "losses"
 
     def __init__(self, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         reject_log_transform(self, "takes the geometric mean, i.e. already averages log-losses")
 
-    def combine_losses(self, transformed_losses):
-        num_tasks = ops.cast(ops.shape(transformed_losses)[0], "float32")
-        loss = ops.exp(ops.mean(ops.log(transformed_losses)))                 # (prod_t l_t)^(1/T)
-        weights = ops.stop_gradient(loss / (num_tasks * transformed_losses))   # dL/dl_t
+    def combine_losses(self, losses):
+        num_tasks = ops.cast(ops.shape(losses.transformed)[0], "float32")
+        loss = ops.exp(ops.mean(ops.log(losses.transformed)))                 # (prod_t l_t)^(1/T)
+        weights = ops.stop_gradient(loss / (num_tasks * losses.transformed))   # dL/dl_t
         return loss, weights

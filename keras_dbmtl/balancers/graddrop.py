@@ -8,28 +8,26 @@
 
 Deviation, documented: the paper applies GradDrop to the gradients of a shared *activation* (summed over the batch
 dimension); the model gives the balancer the per-task gradients of the shared *parameters*, so the masks are drawn
-per parameter entry (the construction is otherwise identical). Needs the Jacobian (elementwise), so needs =
-"jacobian". Logged weight: the fraction of task t's gradient entries kept.
+per parameter entry (the construction is otherwise identical). Needs the Jacobian (elementwise): a
+`JacobianBalancer`. Logged weight: the fraction of task t's gradient entries kept.
 """
 
 import keras
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("graddrop")
-class GradDrop(Balancer):
+class GradDrop(JacobianBalancer):
     """GradDrop: randomly keeps, entry by entry, the positive or the negative task gradients. Cost: T backward.
 
     Args:
         leak: k in [0, 1], the share of every gradient always kept (default 0.0).
         seed: seed of the balancer's `SeedGenerator`.
     """
-
-    needs = "jacobian"
 
     def __init__(self, leak=0.0, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
@@ -38,7 +36,7 @@ class GradDrop(Balancer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         gradients = task_jacobian.matrix()                                        # (T, P)
         purity = 0.5 * (1.0 + ops.sum(gradients, axis=0) / (ops.sum(ops.abs(gradients), axis=0) + self.eps))
         draw = keras.random.uniform(ops.shape(purity), seed=self.seed_generator)

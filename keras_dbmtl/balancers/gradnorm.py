@@ -22,12 +22,12 @@ L_grad gradient of step k at step k + 1 (one step late). A model hook returning 
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("gradnorm")
-class GradNorm(Balancer):
+class GradNorm(GramianBalancer):
     """GradNorm: weights learned so that the weighted gradient norms follow the tasks' training rates.
 
     Cost: T backward + O(T^2 P) Gramian.
@@ -36,15 +36,13 @@ class GradNorm(Balancer):
         alpha: strength of the restoring force (default 1.5).
     """
 
-    needs = "gramian"
-
     def __init__(self, alpha=1.5, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, alpha=(alpha, "[0, inf)"))
         self.alpha = float(alpha)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.logits = self.add_weight(shape=(num_tasks,), initializer="zeros", trainable=True, name="logits")
         self.logit_gradient = self.state_variable((num_tasks,), "logit_gradient")          # c = dL_grad/ds
         self.initial_losses = self.state_variable((num_tasks,), "initial_losses")          # l(0)
@@ -54,14 +52,14 @@ class GradNorm(Balancer):
         carrier = (self.logits - ops.stop_gradient(self.logits)) * ops.stop_gradient(self.logit_gradient)
         return losses + carrier                                                  # same value; d/ds = c
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         first = ops.equal(self.iterations, 0)
         self.next_step()
         z = ops.softmax(ops.convert_to_tensor(self.logits))
         weights = self.num_tasks * z                                              # w_t
         norms = task_jacobian.norms()                                             # ||g_t||
         weighted_norms = weights * norms                                          # G_t
-        raw = self.untransform_losses(transformed_losses)
+        raw = losses.raw
         initial = ops.where(first, raw, self.initial_losses.value)
         self.initial_losses.assign(initial)
         ratio = raw / (initial + self.eps)

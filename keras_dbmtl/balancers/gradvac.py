@@ -11,7 +11,7 @@ in Massively Multilingual Models", ICLR 2021).
     d = sum_i g_i'
 
 As with PCGrad, g_i' stays a linear combination of the original gradients, so the whole procedure (cosines and
-norms included) runs on the T x T Gramian (needs = "gramian") and the logged weights are the coefficients of d.
+norms included) runs on the T x T Gramian (a `GramianBalancer`) and the logged weights are the coefficients of d.
 phi_hat (T x T, starts at 0) is a state variable. beta = 0.01 is the paper's; LibMTL's default is 0.5. The
 targets are updated for every visited pair, as in Algorithm 1. Whole-model granularity (one phi_hat per pair).
 """
@@ -21,12 +21,12 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("gradvac")
-class GradVac(Balancer):
+class GradVac(GramianBalancer):
     """GradVac: aligns each pair of task gradients towards an EMA target cosine similarity.
 
     Cost: T backward + O(T^2 P) Gramian.
@@ -36,8 +36,6 @@ class GradVac(Balancer):
         seed: seed of the balancer's `SeedGenerator` (the random task order).
     """
 
-    needs = "gramian"
-
     def __init__(self, beta=0.01, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, beta=(beta, "[0, 1]"))
@@ -45,11 +43,11 @@ class GradVac(Balancer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.targets = self.state_variable((num_tasks, num_tasks), "targets")              # phi_hat
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         gramian = task_jacobian.gramian()
         num = self.num_tasks
         order = ops.argsort(keras.random.uniform((num, num), seed=self.seed_generator), axis=1)

@@ -23,12 +23,12 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("igbv2")
-class IGBv2(Balancer):
+class IGBv2(LossBalancer):
     """IGBv2 with an in-graph linear-Gaussian policy-gradient agent in place of SAC. Cost: 1 backward.
 
     Args:
@@ -39,8 +39,6 @@ class IGBv2(Balancer):
         seed: seed of the balancer's `SeedGenerator`.
         loss_transform: "log" (default, IGB's scale-invariant losses) or None.
     """
-
-    needs = "losses"
 
     def __init__(self, warmup_epochs=5, base_epoch=0, policy_learning_rate=0.01, exploration=1.0, seed=None,
                  loss_transform="log", eps=1e-8, **kwargs):
@@ -56,8 +54,8 @@ class IGBv2(Balancer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         state = self.state_variable
         self.epochs_seen = state((), "epochs_seen")
         self.loss_sums = state((num_tasks,), "loss_sums")
@@ -73,8 +71,8 @@ class IGBv2(Balancer):
         self.previous_action = state((num_tasks,), "previous_action")
         self.previous_mean = state((num_tasks,), "previous_mean")
 
-    def combine_losses(self, transformed_losses):
-        raw = ops.stop_gradient(self.untransform_losses(transformed_losses))
+    def combine_losses(self, losses):
+        raw = ops.stop_gradient(losses.raw)
         collecting = ops.cast(ops.equal(self.epochs_seen, float(self.base_epoch)), "float32")
         self.loss_sums.assign(self.loss_sums + collecting * raw)
         self.loss_count.assign(self.loss_count + collecting)
@@ -105,7 +103,7 @@ class IGBv2(Balancer):
         self.previous_state.assign(state)
         self.previous_action.assign(action)
         self.previous_mean.assign(mean)
-        return ops.sum(weights * transformed_losses), weights
+        return ops.sum(weights * losses.transformed), weights
 
     def on_epoch_end(self, epoch):
         if not self.built:

@@ -20,8 +20,8 @@ from keras_dbmtl.balancers.registry import register
 class IMTL(IMTLG):
     """IMTL = IMTL-L loss scaling + IMTL-G gradient weighting. Cost: T backward + O(T^2 P) Gramian."""
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.scales = self.add_weight(shape=(num_tasks,), initializer="zeros", trainable=True, name="scales")
 
     def transform_losses(self, task_losses):

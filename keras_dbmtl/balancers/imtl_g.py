@@ -11,7 +11,7 @@ direction) give a least-squares answer instead of a failure. Heads receive their
 
 from keras import ops
 
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -28,13 +28,11 @@ def imtl_g_weights(gramian, eps=1e-8):
 
 
 @register("imtl_g")
-class IMTLG(Balancer):
+class IMTLG(GramianBalancer):
     """IMTL-G: closed-form task weights giving an aggregated gradient with equal projections on all tasks.
 
     Cost: T backward + O(T^2 P) Gramian.
     """
 
-    needs = "gramian"
-
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         return Aggregation(task_weights=imtl_g_weights(task_jacobian.gramian(), self.eps))

@@ -9,7 +9,7 @@ Proposition 3.1 shows that the exact minimiser over s turns this into the log tr
 
 from keras import ops
 
-from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -19,15 +19,13 @@ def scaled_losses(losses, scales):
 
 
 @register("imtl_l")
-class IMTLL(Balancer):
+class IMTLL(LossBalancer):
     """IMTL-L: learnable loss scales s_t, loss exp(s_t) l_t - s_t. Cost: 1 backward."""
 
-    needs = "losses"
-
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.scales = self.add_weight(shape=(num_tasks,), initializer="zeros", trainable=True, name="scales")
 
-    def combine_losses(self, transformed_losses):
-        loss = ops.sum(scaled_losses(transformed_losses, self.scales))
+    def combine_losses(self, losses):
+        loss = ops.sum(scaled_losses(losses.transformed, self.scales))
         return loss, ops.stop_gradient(ops.exp(self.scales))

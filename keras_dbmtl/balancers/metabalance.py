@@ -12,7 +12,7 @@ takes the first loss as the target, so does this class by default (`target=0`, o
 averages start at 0 as in the official code and are a state variable of shape (T, P), each variable's value
 repeated over its entries (the balancer is built before it sees the variables' shapes; a (T, number of shared
 variables) state would need the model to pass those shapes to `build`). Needs the
-per-variable gradient blocks (needs = "jacobian"; the direction is formed block by block). Heads receive their
+per-variable gradient blocks (a `JacobianBalancer`; the direction is formed block by block). Heads receive their
 own task's gradient (the official optimizer also rescales the auxiliary heads, by 1 - r, an artefact of heads
 having no target-task gradient; not reproduced). Logged weight: the scale factor averaged over the variables.
 """
@@ -20,12 +20,12 @@ having no target-task gradient; not reproduced). Logged weight: the scale factor
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters, resolve_task
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("metabalance")
-class MetaBalance(Balancer):
+class MetaBalance(JacobianBalancer):
     """MetaBalance: every task's gradient magnitude pulled towards the target task's, per shared variable.
 
     Cost: T backward.
@@ -36,8 +36,6 @@ class MetaBalance(Balancer):
         target: the target task, by index or name (default 0, the first).
     """
 
-    needs = "jacobian"
-
     def __init__(self, relax_factor=0.7, beta=0.9, target=0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, relax_factor=(relax_factor, "[0, 1]"), beta=(beta, "[0, 1)"),
@@ -46,12 +44,12 @@ class MetaBalance(Balancer):
         self.beta = float(beta)
         self.target = target
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
         self.target_index = resolve_task(self.target, task_names, num_tasks, "target task")
-        super().build(num_tasks, num_shared_parameters, task_names)
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.magnitudes = self.state_variable((num_tasks, num_shared_parameters), "magnitudes")
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         flats = [ops.reshape(block, (self.num_tasks, -1)) for block in task_jacobian.blocks]
         norms = [ops.sqrt(ops.sum(flat * flat, axis=1, keepdims=True)) for flat in flats]        # ||g_t^v||
         current = ops.concatenate([ops.broadcast_to(n, ops.shape(f)) for n, f in zip(norms, flats)], axis=1)

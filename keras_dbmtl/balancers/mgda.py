@@ -20,14 +20,14 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
 @register("mgda")
-class MGDA(Balancer):
+class MGDA(GramianBalancer):
     """MGDA: task weights of the min-norm convex combination of the (normalised) task gradients.
 
     Cost: T backward + O(T^2 P) Gramian.
@@ -37,8 +37,6 @@ class MGDA(Balancer):
             transform.
         scale_heads: multiply each head's gradient by its task weight (default True, the paper's code).
     """
-
-    needs = "gramian"
 
     def __init__(self, normalization=None, scale_heads=True, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
@@ -58,7 +56,7 @@ class MGDA(Balancer):
             return self.normalization
         return "l2" if self.loss_transform == "log" else "loss+"
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         gramian = task_jacobian.gramian()
         norms = ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0))
         kind = self.resolved_normalization
@@ -67,9 +65,9 @@ class MGDA(Balancer):
         elif kind == "l2":
             normalizer = norms
         elif kind == "loss":
-            normalizer = transformed_losses
+            normalizer = losses.transformed
         else:
-            normalizer = transformed_losses * norms
+            normalizer = losses.transformed * norms
         normalizer = normalizer + self.eps
         normalized = gramian / (normalizer[:, None] * normalizer[None, :])       # Gramian of g_t / n_t
         weights = solvers.min_norm_weights(normalized)                            # Eq. (3)

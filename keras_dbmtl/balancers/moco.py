@@ -18,12 +18,12 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("moco")
-class MoCo(Balancer):
+class MoCo(JacobianBalancer):
     """MoCo: MGDA-like weights on tracked (momentum) task gradients. Cost: T backward.
 
     Args:
@@ -31,8 +31,6 @@ class MoCo(Balancer):
         gamma, gamma_sigma: weight step gamma / k^gamma_sigma (defaults 0.1, 0.5).
         rho: l2 regularisation of lam (default 0.0).
     """
-
-    needs = "jacobian"
 
     def __init__(self, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0, loss_transform=None,
                  eps=1e-8, **kwargs):
@@ -43,16 +41,16 @@ class MoCo(Balancer):
         self.gamma, self.gamma_sigma = float(gamma), float(gamma_sigma)
         self.rho = float(rho)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.tracked = self.state_variable((num_tasks, num_shared_parameters), "tracked")          # Y
         self.lam = self.state_variable((num_tasks,), "lam", initializer=keras.initializers.Constant(1.0 / num_tasks))
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         k = self.next_step()
         gradients = task_jacobian.matrix()
         norms = ops.sqrt(ops.sum(gradients * gradients, axis=1, keepdims=True))
-        h = gradients / (norms + self.eps) * self.untransform_losses(transformed_losses)[:, None]
+        h = gradients / (norms + self.eps) * losses.raw[:, None]
         beta_k = self.beta / ops.power(k, self.beta_sigma)
         gamma_k = self.gamma / ops.power(k, self.gamma_sigma)
         tracked = self.tracked - beta_k * (self.tracked - h)

@@ -21,12 +21,12 @@ Logged weight: the balancing factor n_anchor / n_t averaged over the variables.
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("mtadam")
-class MTAdam(Balancer):
+class MTAdam(JacobianBalancer):
     """MTAdam: per-task Adam moments on magnitude-balanced task gradients. Cost: T backward.
 
     Args:
@@ -34,8 +34,6 @@ class MTAdam(Balancer):
         beta_3: rate of the gradient-magnitude averages (default 0.9).
         epsilon: Adam's epsilon (default 1e-8).
     """
-
-    needs = "jacobian"
 
     def __init__(self, beta_1=0.9, beta_2=0.999, beta_3=0.9, epsilon=1e-8, loss_transform=None, eps=1e-8,
                  **kwargs):
@@ -45,14 +43,14 @@ class MTAdam(Balancer):
         self.beta_1, self.beta_2, self.beta_3 = float(beta_1), float(beta_2), float(beta_3)
         self.epsilon = float(epsilon)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         shape = (num_tasks, num_shared_parameters)
         self.first_moments = self.state_variable(shape, "first_moments")
         self.second_moments = self.state_variable(shape, "second_moments")
         self.magnitudes = self.state_variable(shape, "magnitudes")
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         k = self.next_step()
         flats = [ops.reshape(block, (self.num_tasks, -1)) for block in task_jacobian.blocks]
         current = ops.concatenate(

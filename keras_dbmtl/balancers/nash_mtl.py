@@ -16,20 +16,18 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("nash_mtl")
-class NashMTL(Balancer):
+class NashMTL(GramianBalancer):
     """Nash-MTL: the Nash bargaining solution G alpha = 1/alpha. Cost: T backward + O(T^2 P) Gramian.
 
     Args:
         max_norm: clip the shared direction's norm to this (default 1.0; 0 disables).
         update_weights_every: recompute alpha every this many steps (default 1).
     """
-
-    needs = "gramian"
 
     def __init__(self, max_norm=1.0, update_weights_every=1, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
@@ -38,11 +36,11 @@ class NashMTL(Balancer):
         self.max_norm = float(max_norm)
         self.update_weights_every = int(update_weights_every)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.alpha = self.state_variable((num_tasks,), "alpha", initializer="ones")     # warm start
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         gramian = task_jacobian.gramian()
         step = ops.cast(self.iterations, "float32")
         self.next_step()

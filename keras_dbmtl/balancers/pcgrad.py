@@ -6,8 +6,8 @@
     d = sum_i g_i^PC
 
 Every g_i^PC is a linear combination of the original gradients, g_i^PC = sum_j C_ij g_j, and every inner
-product the algorithm needs is an entry of C G (G = J J^T). So the surgery runs on the T x T Gramian (needs =
-"gramian") and the direction is d = (1^T C) J, formed block by block by the model: the logged task weights are
+product the algorithm needs is an entry of C G (G = J J^T). So the surgery runs on the T x T Gramian (a
+`GramianBalancer`) and the direction is d = (1^T C) J, formed block by block by the model: the logged task weights are
 exactly the coefficients of the direction. The random order (one permutation per task, every step) comes from the
 balancer's `SeedGenerator`. Heads receive their own task's gradient.
 """
@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -38,7 +38,7 @@ def pcgrad_coefficients(gramian, order, eps=1e-12):
 
 
 @register("pcgrad")
-class PCGrad(Balancer):
+class PCGrad(GramianBalancer):
     """PCGrad: sum of the task gradients, each projected off the gradients it conflicts with.
 
     Cost: T backward + O(T^2 P) Gramian.
@@ -47,14 +47,12 @@ class PCGrad(Balancer):
         seed: seed of the balancer's `SeedGenerator` (the random task order).
     """
 
-    needs = "gramian"
-
     def __init__(self, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         gramian = task_jacobian.gramian()
         keys = keras.random.uniform((self.num_tasks, self.num_tasks), seed=self.seed_generator)
         order = ops.argsort(keys, axis=1)                                         # a random permutation per task

@@ -12,22 +12,20 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 DISTRIBUTIONS = ("normal", "uniform")
 
 
 @register("rlw")
-class RLW(Balancer):
+class RLW(LossBalancer):
     """Random loss weights w = softmax(lambda), lambda ~ N(0, I) redrawn every step. Cost: 1 backward.
 
     Args:
         distribution: "normal" (default) or "uniform".
         seed: seed of the balancer's `SeedGenerator` (None: random).
     """
-
-    needs = "losses"
 
     def __init__(self, distribution="normal", seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
@@ -36,14 +34,14 @@ class RLW(Balancer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def combine_losses(self, transformed_losses):
+    def combine_losses(self, losses):
         shape = (self.num_tasks,)
         if self.distribution == "normal":
             lam = keras.random.normal(shape, seed=self.seed_generator)           # lambda ~ N(0, I)
         else:
             lam = keras.random.uniform(shape, seed=self.seed_generator)
         weights = ops.softmax(lam)                                              # w = softmax(lambda)
-        return ops.sum(weights * transformed_losses), weights
+        return ops.sum(weights * losses.transformed), weights
 
     def get_config(self):
         config = super().get_config()

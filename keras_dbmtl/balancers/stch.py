@@ -16,20 +16,18 @@ STCH already works on log-losses, so `loss_transform="log"` is rejected.
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters, reject_log_transform
-from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("stch")
-class STCH(Balancer):
+class STCH(LossBalancer):
     """Smooth Tchebycheff scalarisation of the log-losses after a log-EW warm-up. Cost: 1 backward.
 
     Args:
         mu: smoothing parameter (default 1.0).
         warmup_epochs: epochs of sum_t log l_t before STCH; the last one estimates z (default 4).
     """
-
-    needs = "losses"
 
     def __init__(self, mu=1.0, warmup_epochs=4, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
@@ -38,14 +36,15 @@ class STCH(Balancer):
         self.mu = float(mu)
         self.warmup_epochs = int(warmup_epochs)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.epochs_seen = self.state_variable((), "epochs_seen")
         self.loss_sums = self.state_variable((num_tasks,), "loss_sums")
         self.loss_count = self.state_variable((), "loss_count")
         self.reference = self.state_variable((num_tasks,), "reference", initializer="ones")   # z
 
     def combine_losses(self, losses):
+        losses = losses.transformed                        # the raw losses: STCH rejects the log transform
         log_losses = ops.log(losses + self.eps)
         # The last warm-up epoch accumulates the losses whose mean becomes z.
         collecting = ops.cast(ops.equal(self.epochs_seen, self.warmup_epochs - 1.0), "float32")

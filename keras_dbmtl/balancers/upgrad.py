@@ -15,7 +15,7 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, Balancer
+from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -29,7 +29,7 @@ def upgrad_weights(gramian, norm_eps=1e-4, reg_eps=1e-4):
 
 
 @register("upgrad")
-class UPGrad(Balancer):
+class UPGrad(GramianBalancer):
     """UPGrad: the mean of the task gradients, each projected onto the dual cone of all of them.
 
     Cost: T backward + O(T^2 P) Gramian.
@@ -39,15 +39,13 @@ class UPGrad(Balancer):
         reg_eps: ridge added to the normalised Gramian (default 1e-4).
     """
 
-    needs = "gramian"
-
     def __init__(self, norm_eps=1e-4, reg_eps=1e-4, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, norm_eps=(norm_eps, "[0, inf)"), reg_eps=(reg_eps, "[0, inf)"))
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
 
-    def aggregate(self, transformed_losses, task_jacobian):
+    def aggregate(self, losses, task_jacobian):
         weights = upgrad_weights(task_jacobian.gramian(), self.norm_eps, self.reg_eps)
         return Aggregation(task_weights=weights)
 

@@ -12,35 +12,33 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Balancer
+from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 @register("uw")
-class UW(Balancer):
+class UW(LossBalancer):
     """Uncertainty weighting with learnable log-variances s_t = log sigma_t^2. Cost: 1 backward.
 
     Args:
         initial_log_variance: initial s_t (default -0.5, LibMTL's).
     """
 
-    needs = "losses"
-
     def __init__(self, initial_log_variance=-0.5, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         check_hyperparameters(self, initial_log_variance=(initial_log_variance, "(-inf, inf)"))
         self.initial_log_variance = float(initial_log_variance)
 
-    def build(self, num_tasks, num_shared_parameters, task_names=None):
-        super().build(num_tasks, num_shared_parameters, task_names)
+    def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+        super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
         self.log_variances = self.add_weight(
             shape=(num_tasks,), initializer=keras.initializers.Constant(self.initial_log_variance),
             trainable=True, name="log_variances",
         )
 
-    def combine_losses(self, transformed_losses):
+    def combine_losses(self, losses):
         weights = 0.5 * ops.exp(-self.log_variances)                            # 1 / (2 sigma_t^2)
-        loss = ops.sum(weights * transformed_losses + 0.5 * self.log_variances)  # Eq. (7)
+        loss = ops.sum(weights * losses.transformed + 0.5 * self.log_variances)  # Eq. (7)
         return loss, ops.stop_gradient(weights)
 
     def get_config(self):

@@ -1,46 +1,47 @@
-"""The only backend-specific code: gradients of the task losses.
+"""The backend contract: a few primitives per backend, and the assembly of task gradients written once.
 
-Each backend module exposes the same two functions:
+Each backend module (`keras_dbmtl/gradients/<backend>.py`) provides these primitives, and nothing else the model
+uses; this is the only place that asks which backend runs (`backend_module`):
 
-    loss_gradients(forward, variables) -> (aux, gradients)
-        forward() -> (scalar_loss, aux); one backward pass of the scalar.
+    pullback(forward, variables) -> (outputs, aux, pull)
+        Runs forward() -> (outputs: tuple of tensors, aux) once; `pull(cotangents, indices, batched=False)`
+        returns the gradients of sum_i <cotangents[i], outputs[i]> with respect to `variables[j]` for j in
+        `indices` (zeros where unconnected). With `batched=True` each cotangent has a leading axis of size B and
+        the result is one (B, *shape) block per variable (the backend's vectorised map).
+    replica_mean(values): the mean over the data-parallel replicas of a list of tensors (one all-reduce);
+    global_losses(task_losses): inside the differentiated forward, losses whose value is the global batch's and
+        whose gradient is the replica's own share; optimizer_gradients(grads): what `optimizer.apply` gets;
+    num_replicas(), replica_rank(), broadcast_from_root(tensors, root), init_process_group(backend, **kwargs);
+    snapshot(variables), keep_where(flag, variables, previous), skips_by_branch(): how a skipped step keeps the
+        previous values (a select everywhere except TensorFlow on one replica, which branches with tf.cond);
+    run_step(step, args, state_groups): the train/test step in the form the Keras trainer of the backend calls
+        it (JAX: a pure function of the state, through a `StatelessScope`; the others: `step(data)`);
+    DEFAULT_VECTORIZE: whether the T x P Jacobian is computed with the vectorised pull by default (measured
+        fastest per backend, benchmarks/jacobian.py).
 
-    task_gradients(forward, shared_variables, task_variables, extra_variables, vectorize) -> TaskGradients
-        forward() -> (task_losses (T,), regularization_loss (scalar), aux); one forward pass, then
-        - the per-task gradients of the shared variables, one (T, *shape) block per variable (the task Jacobian),
-        - for each task t, the gradients of its own task-specific variables `task_variables[t]`,
-        - the gradients of sum_t task_losses[t] for `extra_variables` (a balancer's learnable loss scales),
-        - the gradients of the regularization loss for shared + task + extra variables (zeros where none).
-
-Data parallelism (several replicas, each with a share of the global batch; see `keras_dbmtl.distributed`) keeps
-balancing exact: every backend module also exposes
-
-    global_losses(task_losses) -> task losses whose value is the global-batch loss and whose gradient is the
-        replica's own share (`local + stop_gradient(replica_mean(local) - local)`); identity on one device.
-    optimizer_gradients(grads) -> what to hand to `optimizer.apply` so that it applies the global-batch
-        gradients once (TensorFlow's optimizer sums over replicas in `apply`: divided by the replica count).
-    num_replicas(), replica_rank(), replica_mean(values): the replica count, this replica's index and the
-        all-reduced mean (1, 0 and the identity on one device);
-    broadcast_from_root(tensors, root=0): copies holding replica `root`'s values (torch processes; the identity
-        where the engine keeps replicas in sync itself).
-
-and `loss_gradients` / `task_gradients` return gradients already averaged over the replicas, so the balancer
-sees the global Jacobian, runs identically on every replica and its state stays the same everywhere.
-
-For the skipped steps of the model's train step (a select, not a branch: no host round trip):
-
-    snapshot(variables) -> the variables' current values (copies where the backend updates in place)
-    keep_where(flag, variables, previous): each variable keeps its new value where `flag`, else gets `previous`
-
-`vectorize=True` computes the Jacobian with the backend's vectorised map (tf pfor, torch
-`is_grads_batched`, `jax.vmap`), False with a loop of T backward passes. `DEFAULT_VECTORIZE` holds the faster
-choice measured on each backend (benchmarks/jacobian.py).
+Built on them, here: `loss_gradients` (one backward of a scalar) and `task_gradients` (the per-task Jacobian of the
+shared variables, each head's own gradient, the balancer's and the regularisation gradients), both already
+averaged over the replicas, so the balancer sees the global batch, runs identically on every replica and its state
+stays the same everywhere.
 """
 
 import keras
+from keras import ops
 
 
 class TaskGradients:
+    """What `task_gradients` returns (gradients of the global batch, one entry per variable).
+
+    Attributes:
+        aux: the forward's auxiliary output.
+        task_losses: the (T,) losses that were differentiated.
+        shared_blocks: one (T, *shape) block per shared variable: the task Jacobian.
+        task_gradients: for each task, the gradients of its own variables.
+        extra_gradients: gradients of sum_t task_losses[t] for the extra variables (a balancer's learned ones).
+        regularization_gradients: gradients of the regularisation loss for shared + task + extra variables, or
+            None entries when the forward had no regularisation loss.
+    """
+
     def __init__(self, aux, task_losses, shared_blocks, task_gradients, extra_gradients, regularization_gradients):
         self.aux = aux
         self.task_losses = task_losses
@@ -51,6 +52,7 @@ class TaskGradients:
 
 
 def backend_module(name=None):
+    """The module of primitives for `name` (default: the running Keras backend)."""
     name = name or keras.backend.backend()
     if name == "tensorflow":
         from keras_dbmtl.gradients import tensorflow as module
@@ -65,6 +67,7 @@ def backend_module(name=None):
     return module
 
 
+# ---------------------------------------------------------------------- primitives, looked up at call time
 def global_losses(task_losses):
     return backend_module().global_losses(task_losses)
 
@@ -89,17 +92,8 @@ def broadcast_from_root(tensors, root=0):
     return backend_module().broadcast_from_root(list(tensors), root)
 
 
-def loss_gradients(forward, variables):
-    return backend_module().loss_gradients(forward, variables)
-
-
-def task_gradients(forward, shared_variables, task_variables, extra_variables=(), vectorize=None):
-    module = backend_module()
-    if vectorize is None:
-        vectorize = module.DEFAULT_VECTORIZE
-    return module.task_gradients(
-        forward, list(shared_variables), [list(group) for group in task_variables], list(extra_variables), vectorize
-    )
+def init_process_group(backend="gloo", **kwargs):
+    return backend_module().init_process_group(backend, **kwargs)
 
 
 def snapshot(variables):
@@ -108,3 +102,83 @@ def snapshot(variables):
 
 def keep_where(flag, variables, previous):
     backend_module().keep_where(flag, list(variables), list(previous))
+
+
+def skips_by_branch():
+    return backend_module().skips_by_branch()
+
+
+def run_step(step, args, state_groups):
+    return backend_module().run_step(step, args, state_groups)
+
+
+# ---------------------------------------------------------------------- assembly, written once
+def _replica_mean_keeping_nones(values):
+    present = [v for v in values if v is not None]
+    if not present or num_replicas() == 1:
+        return list(values)
+    reduced = iter(replica_mean(present))
+    return [None if v is None else next(reduced) for v in values]
+
+
+def _split(values, sizes):
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(list(values[start : start + size]))
+        start += size
+    return groups
+
+
+def loss_gradients(forward, variables):
+    """forward() -> (scalar loss, aux). Returns (aux, gradients of the loss), averaged over the replicas."""
+    variables = list(variables)
+    (loss,), aux, pull = backend_module().pullback(lambda: _one_output(forward()), variables)
+    grads = pull((ops.ones_like(loss),), range(len(variables)))
+    return aux, _replica_mean_keeping_nones(grads)
+
+
+def _one_output(result):
+    loss, aux = result
+    return (loss,), aux
+
+
+def task_gradients(forward, shared_variables, task_variables, extra_variables=(), vectorize=None):
+    """forward() -> (task_losses (T,), regularization_loss, aux), run once. Returns `TaskGradients`.
+
+    Task-specific variables reach only their own task's loss, so one pull of sum_t l_t gives every head its own
+    gradient (and the extra variables the gradient of the sum).
+    """
+    module = backend_module()
+    vectorize = module.DEFAULT_VECTORIZE if vectorize is None else vectorize
+    shared, groups, extra = list(shared_variables), [list(g) for g in task_variables], list(extra_variables)
+    everything = shared + [v for group in groups for v in group] + extra
+    has_regularization = []
+
+    def outputs():
+        losses, regularization, aux = forward()
+        has_regularization.append(not isinstance(regularization, (int, float)))
+        return (losses, ops.cast(regularization, losses.dtype)), aux
+
+    (losses, regularization), aux, pull = module.pullback(outputs, everything)
+    shared_blocks = _jacobian_blocks(pull, losses, regularization, len(shared), vectorize)
+    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), range(len(shared), len(everything)))
+    if has_regularization[0]:
+        reg_grads = pull((ops.zeros_like(losses), ops.ones_like(regularization)), range(len(everything)))
+    else:
+        reg_grads = [None] * len(everything)
+    sizes = [len(shared)] + [len(g) for g in groups] + [len(extra)]
+    reduced = _replica_mean_keeping_nones(list(shared_blocks) + list(own) + list(reg_grads))
+    parts = _split(reduced[: len(everything)], sizes)
+    return TaskGradients(aux, losses, parts[0], parts[1:-1], parts[-1], reduced[len(everything) :])
+
+
+def _jacobian_blocks(pull, losses, regularization, num_shared, vectorize):
+    """One (T, *shape) block per shared variable: row t is the gradient of loss t."""
+    num_tasks = int(losses.shape[0])
+    eye = ops.eye(num_tasks, dtype=losses.dtype)
+    if vectorize:
+        zeros = ops.zeros((num_tasks,), dtype=regularization.dtype)
+        return pull((eye, zeros), range(num_shared), batched=True)
+    zero = ops.zeros_like(regularization)
+    rows = [pull((eye[t], zero), range(num_shared)) for t in range(num_tasks)]
+    return [ops.stack([row[i] for row in rows]) for i in range(num_shared)]

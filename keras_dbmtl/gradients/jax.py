@@ -1,4 +1,5 @@
-"""Task gradients with `jax.vjp` inside the (jitted) stateless train step.
+"""The JAX primitives of the backend contract (keras_dbmtl/gradients/__init__.py): `jax.vjp` inside the (jitted)
+stateless train step.
 
 The model's train step runs inside a `keras.StatelessScope` holding the whole training state. Here the forward
 pass runs again inside an inner scope in which the differentiated variables map to the `jax.vjp` primals; any
@@ -7,12 +8,9 @@ and written back into the outer scope. One forward pass; the backward passes reu
 """
 
 import jax
-import jax.numpy as jnp
 from keras.src.backend.common.stateless_scope import StatelessScope, get_stateless_scope
 
 from keras import ops
-
-from keras_dbmtl.gradients import TaskGradients
 
 DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every model measured (benchmarks/RESULTS.md)
 
@@ -46,49 +44,50 @@ def _functional(forward, variables):
     return pure, write_back, current_values
 
 
-def loss_gradients(forward, variables):
+def pullback(forward, variables):
+    """One forward pass as a pure function of the variables (`jax.vjp`); state it updated is written back."""
     pure, write_back, current_values = _functional(forward, variables)
-    loss, vjp_fn, (aux, updates) = jax.vjp(pure, current_values(), has_aux=True)
-    (grads,) = vjp_fn(jnp.ones_like(loss))
+    outputs, vjp_fn, (aux, updates) = jax.vjp(pure, current_values(), has_aux=True)
     write_back(updates)
-    return aux, list(grads)
+
+    def pull(cotangents, indices, batched=False):
+        indices = list(indices)
+        if batched:
+            grads = jax.vmap(lambda c: vjp_fn(tuple(c))[0])(tuple(cotangents))
+        else:
+            (grads,) = vjp_fn(tuple(cotangents))
+        return [grads[i] for i in indices]
+
+    return tuple(outputs), aux, pull
 
 
-def task_gradients(forward, shared_variables, task_variables, extra_variables, vectorize):
-    num_tasks = len(task_variables)
-    task_flat = [v for group in task_variables for v in group]
-    everything = shared_variables + task_flat + extra_variables
-    num_shared = len(shared_variables)
-
-    def losses_and_regularization():
-        task_losses, regularization_loss, aux = forward()
-        return (task_losses, jnp.asarray(regularization_loss, dtype=task_losses.dtype)), aux
-
-    pure, write_back, current_values = _functional(losses_and_regularization, everything)
-    (task_losses, regularization_loss), vjp_fn, (aux, updates) = jax.vjp(
-        pure, current_values(), has_aux=True
+def run_step(step, args, state_groups):
+    """The Keras JAX trainer calls `train_step(state, data)` and expects `(logs, new_state)`: run `step` in a
+    `StatelessScope` holding the state, and read the new values back."""
+    state, data = args
+    groups = state_groups()
+    mapping = []
+    for variables, values in zip(groups, state):
+        mapping.extend(zip(variables, values))
+    with StatelessScope(state_mapping=mapping) as scope:
+        logs = step(data)
+    new_state = tuple(
+        [scope.get_current_value(v) if scope.get_current_value(v) is not None else value
+         for v, value in zip(variables, values)]
+        for variables, values in zip(groups, state)
     )
-    zero = jnp.zeros_like(regularization_loss)
+    return logs, new_state
 
-    def shared_row(cotangent):
-        return vjp_fn((cotangent, zero))[0][:num_shared]
 
-    eye = jnp.eye(num_tasks, dtype=task_losses.dtype)
-    if vectorize:
-        shared_blocks = list(jax.vmap(shared_row)(eye))
-    else:
-        rows = [shared_row(eye[t]) for t in range(num_tasks)]
-        shared_blocks = [jnp.stack([row[i] for row in rows]) for i in range(num_shared)]
-    # Task-specific variables only reach their own loss: the gradient of the sum is each task's own gradient.
-    own = vjp_fn((jnp.ones_like(task_losses), zero))[0][num_shared:]
-    task_grads, start = [], 0
-    for group in task_variables:
-        task_grads.append(list(own[start : start + len(group)]))
-        start += len(group)
-    extra_grads = list(own[start:])
-    regularization_grads = list(vjp_fn((jnp.zeros_like(task_losses), jnp.ones_like(regularization_loss)))[0])
-    write_back(updates)
-    return TaskGradients(aux, task_losses, shared_blocks, task_grads, extra_grads, regularization_grads)
+def skips_by_branch():
+    return False      # a select on the step's output state: free under jit
+
+
+def init_process_group(backend="gloo", **kwargs):
+    raise ValueError(
+        "keras_dbmtl.distributed.initialize runs torch.distributed: set KERAS_BACKEND=torch. On JAX use "
+        "keras.distribution.DataParallel (see the README)."
+    )
 
 
 # ---------------------------------------------------------------- data parallelism

@@ -1,4 +1,5 @@
-"""Task gradients with torch autograd: one graph, `torch.autograd.grad` per task (retain_graph).
+"""The torch primitives of the backend contract (keras_dbmtl/gradients/__init__.py): one autograd graph,
+`torch.autograd.grad` per pull (retain_graph).
 
 Data parallelism over processes (`keras_dbmtl.distributed`): when `torch.distributed` is initialised with more
 than one process, each process runs the train step on its own shard of the global batch and the gradients
@@ -13,71 +14,40 @@ function here is the identity.
 import torch
 import torch.distributed as dist
 
-from keras_dbmtl.gradients import TaskGradients
-
 DEFAULT_VECTORIZE = False
 
 
-def _grad(output, variables, retain_graph=True, **kwargs):
+def pullback(forward, variables):
+    """One forward pass, one autograd graph; each pull is a `torch.autograd.grad` that keeps the graph."""
+    outputs, aux = forward()
+    outputs = tuple(outputs)
     tensors = [v.value for v in variables]
-    if not tensors:
-        return []
-    grads = torch.autograd.grad(output, tensors, retain_graph=retain_graph, allow_unused=True, **kwargs)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
 
-
-def loss_gradients(forward, variables):
-    loss, aux = forward()
-    return aux, _replica_mean_list(_grad(loss, variables, retain_graph=False))
-
-
-def task_gradients(forward, shared_variables, task_variables, extra_variables, vectorize):
-    num_tasks = len(task_variables)
-    task_losses, regularization_loss, aux = forward()
-    task_flat = [v for group in task_variables for v in group]
-    if vectorize:
-        eye = torch.eye(num_tasks, dtype=task_losses.dtype, device=task_losses.device)
-        tensors = [v.value for v in shared_variables]
+    def pull(cotangents, indices, batched=False):
+        chosen = [tensors[i] for i in indices]
+        pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+        if not chosen or not pairs:
+            return [_zeros(t, cotangents[0], batched) for t in chosen]
         grads = torch.autograd.grad(
-            task_losses, tensors, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
+            [o for o, _ in pairs], chosen, grad_outputs=[c for _, c in pairs], retain_graph=True,
+            allow_unused=True, is_grads_batched=batched,
         )
-        shared_blocks = [
-            torch.zeros((num_tasks,) + tuple(t.shape), dtype=t.dtype, device=t.device) if g is None else g
-            for g, t in zip(grads, tensors)
-        ]
-        own = _grad(task_losses.sum(), task_flat)
-        task_grads, start = [], 0
-        for group in task_variables:
-            task_grads.append(own[start : start + len(group)])
-            start += len(group)
-    else:
-        rows, task_grads = [], []
-        for t in range(num_tasks):
-            grads = _grad(task_losses[t], shared_variables + task_variables[t])
-            rows.append(grads[: len(shared_variables)])
-            task_grads.append(grads[len(shared_variables) :])
-        shared_blocks = [torch.stack([row[i] for row in rows]) for i in range(len(shared_variables))]
-    extra_grads = _grad(task_losses.sum(), extra_variables) if extra_variables else []
-    everything = shared_variables + task_flat + extra_variables
-    if isinstance(regularization_loss, torch.Tensor) and regularization_loss.requires_grad:
-        regularization_grads = _grad(regularization_loss, everything)
-    else:
-        regularization_grads = [None] * len(everything)
-    if _is_distributed():
-        # One all_reduce for everything the balancer and the update use: global-batch gradients on every replica.
-        sizes = [len(g) for g in task_grads]
-        reduced = _replica_mean_list(
-            [task_losses.detach()] + shared_blocks + [g for group in task_grads for g in group] + extra_grads
-            + regularization_grads
-        )
-        task_losses, reduced = reduced[0], reduced[1:]
-        shared_blocks, reduced = reduced[: len(shared_blocks)], reduced[len(shared_blocks) :]
-        task_grads = []
-        for size in sizes:
-            task_grads.append(reduced[:size])
-            reduced = reduced[size:]
-        extra_grads, regularization_grads = reduced[: len(extra_grads)], reduced[len(extra_grads) :]
-    return TaskGradients(aux, task_losses.detach(), shared_blocks, task_grads, extra_grads, regularization_grads)
+        return [_zeros(t, cotangents[0], batched) if g is None else g for g, t in zip(grads, chosen)]
+
+    return outputs, aux, pull
+
+
+def _zeros(tensor, cotangent, batched):
+    shape = ((cotangent.shape[0],) if batched else ()) + tuple(tensor.shape)
+    return torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+
+
+def skips_by_branch():
+    return False   # a branch on the flag would be a host round trip (a device sync) in every step
+
+
+def run_step(step, args, state_groups):
+    return step(args[0])
 
 
 # ---------------------------------------------------------------------- data parallelism (torch.distributed)
@@ -95,14 +65,17 @@ def replica_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def replica_mean(x):
-    """The mean of `x` over the processes (an all_reduce), identical on every process; identity on one process.
+def replica_mean(values):
+    """The mean over the processes of a tensor or a list of tensors (one flattened all_reduce per dtype),
+    identical on every process; identity on one process.
 
     No gradient flows through it: use `keras_dbmtl.gradients.global_losses` inside a differentiated forward.
     """
     if not _is_distributed():
-        return x
-    return _replica_mean_list([torch.as_tensor(x)])[0]
+        return values
+    if isinstance(values, (list, tuple)):
+        return _replica_mean_list(list(values))
+    return _replica_mean_list([torch.as_tensor(values)])[0]
 
 
 def global_losses(task_losses):

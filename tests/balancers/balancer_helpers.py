@@ -33,8 +33,8 @@ def aggregate(balancer, jacobian=JACOBIAN, losses=LOSSES, blocks=None):
     num_tasks = jacobian.shape[0]
     if blocks is None:
         blocks = [jacobian]
-    transformed = balancer.transform_losses(tensor(losses))
-    result = balancer.aggregate(transformed, TaskJacobian([tensor(b) for b in blocks], num_tasks))
+    task_losses = balancer.task_losses(tensor(losses))
+    result = balancer.aggregate(task_losses, TaskJacobian([tensor(b) for b in blocks], num_tasks))
     weights = numpy(result.task_weights)
     if result.shared_direction is None:
         direction = weights @ np.concatenate([np.reshape(b, (num_tasks, -1)) for b in blocks], axis=1)
@@ -59,7 +59,7 @@ def compiled(function):
 
 
 def combine(balancer, losses=LOSSES):
-    loss, weights = balancer.combine_losses(balancer.transform_losses(tensor(losses)))
+    loss, weights = balancer.combine_losses(balancer.task_losses(tensor(losses)))
     return float(numpy(loss)), numpy(weights)
 
 

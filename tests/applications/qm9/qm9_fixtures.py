@@ -64,3 +64,17 @@ def write_synthetic_qm9(folder, n, seed=0):
         with open(f"{folder}/{name}", "w") as f:
             f.write(CSV_HEADER + "\n" + "\n".join(part) + "\n")
     return np.array(props_all)
+
+
+def write_cli_cache(folder, cache_dir, subset=(12, 6, 6), seed=3):
+    """A cache for the CLI's ``--subset`` rows of the full QM9 split, holding synthetic molecules in their place
+    (the real ones are in qm9pack): ``--subset N_TRAIN N_VAL N_TEST --cache-dir cache_dir`` then trains on it."""
+    from applications.qm9 import data
+
+    write_synthetic_qm9(folder, sum(subset), seed=seed)
+    train_rows, val_rows, test_rows = data.split_indices()
+    rows = np.concatenate([train_rows[:subset[0]], val_rows[:subset[1]], test_rows[:subset[2]]])
+    arrays = data.preprocess(data.read_qm9_frame(str(folder)), np.arange(sum(subset)), progress=False)
+    arrays["rows"] = rows
+    data.save_cache(f"{cache_dir}/{data.subset_cache_name(rows)}", arrays)
+    return rows

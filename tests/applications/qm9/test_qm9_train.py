@@ -70,3 +70,13 @@ def test_stl_model_monitors_its_validation_mae(tiny):
     res = model.evaluate(val, return_dict=True, verbose=0)
     assert res["mu_mae"] == pytest.approx(info["best_monitor"], rel=1e-4)
     assert set(test_mae) == {"mu"}
+
+
+def test_progress_bar_summarises_the_per_task_keys(tiny, capsys):
+    cfg = dict(CFG, epochs=1)
+    _, hist, _, _ = train.fit_one(tiny, cfg, TASKS, "ew", seed=0, val_baselines={t: 1.0 for t in TASKS},
+                                  verbose=1)
+    bar = capsys.readouterr().out
+    assert "val_delta_p" in bar and "3 tasks" in bar
+    assert "mu_loss" not in bar and "alpha_mae" not in bar  # in History, not in the bar
+    assert "mu_loss" in hist and "val_alpha_mae" in hist
