@@ -605,13 +605,30 @@ class MultiTaskModel(keras.Model):
 
         One reduction per gradient tensor: a NaN or inf entry makes its sum non-finite (a sum of finite gradients
         that overflows float32 counts as non-finite too: such a step is not usable either)."""
-        invalid = self.balancer.invalid_losses(grads.forward.losses.raw)
+        raw = grads.forward.losses.raw
+        invalid = self.balancer.invalid_losses(raw)
+        if grads.blocks is not None:
+            # A task without labels in this batch (loss exactly 0, every gradient 0) is usable: it takes no part.
+            grads.labelled = ops.logical_not(self._without_labels(raw, grads))
+            none_labelled = ops.logical_not(ops.any(grads.labelled))            # then nothing to learn: skipped
+            invalid = ops.logical_and(invalid, ops.logical_or(grads.labelled, none_labelled))
         finite = ops.logical_not(ops.any(invalid))
         tensors = grads.tensors()
         if tensors:
             sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
             finite = ops.logical_and(finite, ops.all(ops.isfinite(sums)))
         return finite, invalid
+
+    def _without_labels(self, raw, grads):
+        """(T,) bool: tasks whose raw loss is exactly 0 with every gradient exactly 0 (no labelled sample, or a
+        sample_weight of 0 for the task over the whole batch)."""
+        num_tasks = len(self.task_names)
+        squares = ops.zeros((num_tasks,), "float32")
+        for block in grads.blocks:
+            squares = squares + ops.sum(ops.square(ops.reshape(ops.cast(block, "float32"), (num_tasks, -1))), axis=1)
+        own = [ops.sum(ops.stack([ops.sum(ops.square(ops.cast(g, "float32"))) for g in group]))
+               if group else ops.zeros((), "float32") for group in grads.own]
+        return ops.logical_and(ops.equal(raw, 0.0), ops.equal(squares + ops.stack(own), 0.0))
 
     def _balance_stage(self, grads, mask=None):
         """The balancer's update: one gradient per step variable, the task weights, and the step's one
@@ -623,7 +640,7 @@ class MultiTaskModel(keras.Model):
             # The select path runs this on a skipped step too (the result is discarded): keep NaN out of solvers.
             blocks = [ops.where(mask, b, ops.zeros_like(b)) for b in blocks]
             losses = losses.where(mask)
-        jacobian = balancer_base.TaskJacobian(blocks, len(self.task_names))
+        jacobian = balancer_base.TaskJacobian(blocks, len(self.task_names), getattr(grads, "labelled", None))
         if self.gradient_statistics is not None:
             self.gradient_statistics.update_state(jacobian.gramian())
         aggregation = self.balancer.aggregate(losses, jacobian)

@@ -70,7 +70,7 @@ class MGDA(GramianBalancer):
             normalizer = losses.transformed * norms
         normalizer = normalizer + self.eps
         normalized = gramian / (normalizer[:, None] * normalizer[None, :])       # Gramian of g_t / n_t
-        weights = solvers.min_norm_weights(normalized)                            # Eq. (3)
+        weights = solvers.min_norm_weights(normalized, allowed=task_jacobian.labelled)   # Eq. (3)
         return Aggregation(task_weights=weights, head_weights=weights if self.scale_heads else None)
 
     def get_config(self):
