@@ -129,9 +129,12 @@ class _SelectSkip:
 
     def run(self, finite, apply, skipped_logs):
         apply(mask=finite)
-        gradient_backends.keep_where(finite, self.variables, self.previous)
-        self.skip_tracker.update_state(1.0 - ops.cast(finite, "float32"))
-        return skipped_logs()
+        # Finite gradients can still make a non-finite update (Adam's second moment of a gradient beyond ~1e19
+        # overflows float32): what the step wrote is checked too, one reduction per variable.
+        applied = ops.logical_and(finite, _all_finite(self.variables))
+        gradient_backends.keep_where(applied, self.variables, self.previous)
+        self.skip_tracker.update_state(1.0 - ops.cast(applied, "float32"))
+        return skipped_logs(applied)
 
 
 class _BranchSkip:
@@ -139,14 +142,25 @@ class _BranchSkip:
     only what the forward pass changed before the check (batch-norm statistics, seeds, a loss-level balancer's
     state) is copied, and restored on the skipped branch."""
 
-    def __init__(self, variables, skip_tracker, metric_logs):
+    def __init__(self, variables, skip_tracker, metric_logs, updated_variables=()):
         self.variables, self.skip_tracker, self.metric_logs = variables, skip_tracker, metric_logs
         self.previous = [ops.copy(v.value) for v in variables]     # before the forward pass
+        self.updated_variables = list(updated_variables)
 
     def run(self, finite, apply, skipped_logs):
         def applied():
+            # Finite gradients can still make a non-finite update (Adam's second moment of a gradient beyond
+            # ~1e19 overflows float32): the variables the update writes are copied in this branch and restored.
+            saved = [ops.copy(v.value) for v in self.updated_variables]
             apply(mask=None)
-            return self.metric_logs()
+
+            def unusable_update():
+                for v, old in zip(self.updated_variables + self.variables, saved + self.previous):
+                    v.assign(old)
+                self.skip_tracker.update_state(1.0)
+                return skipped_logs(ops.convert_to_tensor(False))
+
+            return ops.cond(_all_finite(self.updated_variables), self.metric_logs, unusable_update)
 
         def skipped():
             for v, old in zip(self.variables, self.previous):
@@ -155,6 +169,13 @@ class _BranchSkip:
             return skipped_logs()
 
         return ops.cond(finite, applied, skipped)
+
+
+def _all_finite(variables):
+    """Whether every floating-point variable holds only finite values (a scalar bool)."""
+    sums = [ops.sum(ops.cast(v.value, "float32")) for v in variables
+            if "float" in keras.backend.standardize_dtype(v.dtype)]
+    return ops.all(ops.isfinite(ops.stack(sums))) if sums else ops.convert_to_tensor(True)
 
 
 def _metric_updater(mask):
@@ -540,7 +561,7 @@ class MultiTaskModel(keras.Model):
             self._apply_stage(update, batch, grads.forward, variables, scaling.inner_optimizer)
             self._metrics_stage(batch, grads.forward, update, mask)
 
-        logs = skip.run(finite, apply, lambda: self._step_logs(finite, invalid, scaling.active))
+        logs = skip.run(finite, apply, lambda ok=finite: self._step_logs(ok, invalid, scaling.active))
         scaling.update(finite)
         return logs
 
@@ -561,7 +582,8 @@ class MultiTaskModel(keras.Model):
 
     def _skip_strategy(self, inner_optimizer):
         if gradient_backends.skips_by_branch():
-            return _BranchSkip(self._forward_state_variables(), self._skip_tracker, self._metric_logs)
+            return _BranchSkip(self._forward_state_variables(), self._skip_tracker, self._metric_logs,
+                               unique(self.trainable_variables + list(inner_optimizer.variables)))
         return _SelectSkip(self._guarded_variables(inner_optimizer), self._skip_tracker)
 
     def _forward_stage(self, batch):
