@@ -32,7 +32,7 @@ DENSE = dict(inputs=32, hidden=256, batch=128)
 CONV = dict(size=32, channels=(16, 32, 32), dense=64, batch=32, classes=10)
 # QM9: the application's "quick" preset (applications/qm9/train.py PRESETS["quick"]: dim 32, edge network 64,
 # bonded edges, batch 64), read from the source without importing it. The paper's size (dim 64, edge network 128,
-# complete graphs, batch 128) takes ~27 s per DB-MTL step on this machine (/work/shared/notes/reference-facts.md).
+# complete graphs, batch 128) takes ~27 s per DB-MTL step on 2 CPU threads (measured with the reference library).
 QM9 = dict(dim=32, edge_hidden=64, steps=3, set2set_steps=3, out_dim=64, batch=64, edges="bonds",
            min_atoms=9, max_atoms=27)
 # The paper's QM9 model (dim 64, edge network 128, complete graphs, Set2Set 3, batch 128): what `--gpu` runs.

@@ -73,7 +73,8 @@ class SkipReport(keras.callbacks.Callback):
             return f"the loss of task(s) {', '.join(repr(b) for b in bad)} is not {need}"
         if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
             return "a scaled task gradient overflowed (the LossScaleOptimizer halved its scale)"
-        return "a task gradient was not finite"
+        return ("a task gradient was not finite, or the optimizer's update made from finite gradients was not "
+                "(e.g. Adam's second moment of a gradient beyond ~1e19 overflows float32)")
 
     def on_epoch_end(self, epoch, logs=None):
         if logs and self._steps and logs.get(SKIPPED_STEPS_KEY, 0.0) >= self._steps:

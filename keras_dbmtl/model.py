@@ -22,6 +22,8 @@ One training step, written once with `keras.ops` for every backend, as named sta
 
 import collections
 import math
+import re
+import weakref
 
 import keras
 from keras import ops
@@ -29,6 +31,7 @@ from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import tracking
 
+from keras_dbmtl import _input_checks as input_checks
 from keras_dbmtl import callbacks as mtl_callbacks
 from keras_dbmtl import export as mtl_export
 from keras_dbmtl import gradients as gradient_backends
@@ -129,9 +132,12 @@ class _SelectSkip:
 
     def run(self, finite, apply, step_logs):
         apply(mask=finite)
-        gradient_backends.keep_where(finite, self.variables, self.previous)
-        self.skip_tracker.update_state(1.0 - ops.cast(finite, "float32"))
-        return step_logs()
+        # Finite gradients can still make a non-finite update (Adam's second moment of a gradient beyond ~1e19
+        # overflows float32): what the step wrote is checked too, one reduction per variable.
+        applied = ops.logical_and(finite, _all_finite(self.variables))
+        gradient_backends.keep_where(applied, self.variables, self.previous)
+        self.skip_tracker.update_state(1.0 - ops.cast(applied, "float32"))
+        return step_logs(applied)
 
 
 class _BranchSkip:
@@ -139,14 +145,25 @@ class _BranchSkip:
     only what the forward pass changed before the check (batch-norm statistics, seeds, a loss-level balancer's
     state) is copied, and restored on the skipped branch."""
 
-    def __init__(self, variables, skip_tracker, metric_logs):
+    def __init__(self, variables, skip_tracker, metric_logs, updated_variables=()):
         self.variables, self.skip_tracker, self.metric_logs = variables, skip_tracker, metric_logs
         self.previous = [ops.copy(v.value) for v in variables]     # before the forward pass
+        self.updated_variables = list(updated_variables)
 
     def run(self, finite, apply, step_logs):
         def applied():
+            # Finite gradients can still make a non-finite update (Adam's second moment of a gradient beyond
+            # ~1e19 overflows float32): the variables the update writes are copied in this branch and restored.
+            saved = [ops.copy(v.value) for v in self.updated_variables]
             apply(mask=None)
-            return self.metric_logs()
+
+            def unusable_update():
+                for v, old in zip(self.updated_variables + self.variables, saved + self.previous):
+                    v.assign(old)
+                self.skip_tracker.update_state(1.0)
+                return step_logs(ops.convert_to_tensor(False))
+
+            return ops.cond(_all_finite(self.updated_variables), self.metric_logs, unusable_update)
 
         def skipped():
             for v, old in zip(self.variables, self.previous):
@@ -155,6 +172,13 @@ class _BranchSkip:
             return step_logs()
 
         return ops.cond(finite, applied, skipped)
+
+
+def _all_finite(variables):
+    """Whether every floating-point variable holds only finite values (a scalar bool)."""
+    sums = [ops.sum(ops.cast(v.value, "float32")) for v in variables
+            if "float" in keras.backend.standardize_dtype(v.dtype)]
+    return ops.all(ops.isfinite(ops.stack(sums))) if sums else ops.convert_to_tensor(True)
 
 
 def _metric_updater(mask):
@@ -169,6 +193,12 @@ def _metric_updater(mask):
         tracker.count.assign_add(ops.cast(applied, tracker.count.dtype))
 
     return update
+
+
+def _keras_name(text):
+    """`text` as a name Keras accepts on every backend (TensorFlow's scope names: ASCII letters, digits, `_.-`)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+    return safe if re.match(r"[A-Za-z0-9.]", safe) else "t" + safe
 
 
 def _split_flat(flat, shapes):
@@ -227,12 +257,7 @@ class MultiTaskModel(keras.Model):
     # ------------------------------------------------------------------ forward
     def call(self, inputs, training=None):
         if self.per_task_inputs:
-            if not _is_dict(inputs):
-                raise ValueError(
-                    "This MultiTaskModel has per_task_inputs=True: inputs must be a dict mapping each task "
-                    f"({self.task_names}) to its own batch."
-                )
-            self._check_task_keys(inputs, "inputs")
+            input_checks.check_per_task_inputs(inputs, self.task_names, input_checks.describe)
             return {task: self.heads[task](self.encoder(inputs[task], training=training), training=training)
                     for task in self.task_names}
         features = self.encoder(inputs, training=training)
@@ -240,16 +265,19 @@ class MultiTaskModel(keras.Model):
 
     def build(self, input_shape):
         if self.per_task_inputs:
+            input_checks.check_per_task_inputs(input_shape, self.task_names, lambda s: f"inputs of shape {s}")
             spec = {t: keras.KerasTensor(tuple(input_shape[t])) for t in self.task_names}
         else:
             spec = keras.tree.map_shape_structure(lambda s: keras.KerasTensor(tuple(s)), input_shape)
-        keras.src.backend.compute_output_spec(self.call, spec)
+        outputs = keras.src.backend.compute_output_spec(self.call, spec)
+        self._head_output_shapes = {t: tuple(outputs[t].shape) for t in self.task_names}
         if not getattr(self, "_build_shapes_dict", None):
             self._build_shapes_dict = {"input_shape": input_shape}
-        self.built = True
         # The balancer's state is sized by the shared variables: create it as soon as they exist, so that it is
-        # part of the model's variables before the optimizer is built.
+        # part of the model's variables before the optimizer is built. Before `built`: a balancer's ValueError
+        # (e.g. STL(task="zzz")) must not be lost when torch's shape inference retries the call.
         self._build_balancer()
+        self.built = True
 
     # ------------------------------------------------------------------ variables
     def _task_layer_objects(self):
@@ -316,7 +344,7 @@ class MultiTaskModel(keras.Model):
             )
         if kwargs.get("weighted_metrics"):
             raise ValueError("weighted_metrics is not supported by MultiTaskModel; pass sample weights per task.")
-        balancer_obj = registry.get(balancer)
+        balancer_obj = self._balancer_of_this_model(registry.get(balancer))
         self._task_losses_fns = self._task_loss_functions(loss)
         self._loss_weights_vector = self._loss_weights_for(loss_weights, balancer_obj)
         if metrics is not None and _is_dict(metrics):
@@ -371,10 +399,27 @@ class MultiTaskModel(keras.Model):
         if loss is None:
             raise ValueError(f"Could not interpret the loss of task {task!r}: {spec!r}.")
         if not isinstance(loss, keras.losses.Loss):
-            loss = LossFunctionWrapper(loss, name=f"{task}_loss_fn")
+            loss = LossFunctionWrapper(loss, name=_keras_name(f"{task}_loss_fn"))
         return loss
 
+    def _balancer_of_this_model(self, balancer):
+        """A balancer object already compiled into another model (or built) carries that model's state (step
+        counter, EMAs) and sizes: this model gets a fresh copy from its config, as if it were created anew."""
+        owner = getattr(balancer, "_compiled_into", None)
+        if owner is not None and owner() is self:
+            return balancer
+        if owner is None and not balancer.built:
+            return balancer
+        try:
+            return type(balancer).from_config(balancer.get_config())
+        except Exception as error:
+            raise ValueError(
+                f"The balancer {balancer.name!r} was already compiled into another model, and a fresh copy could "
+                f"not be made from its get_config() ({error}). Create one balancer object per model."
+            ) from error
+
     def _attach_balancer(self, balancer):
+        object.__setattr__(balancer, "_compiled_into", weakref.ref(self))
         locked = self._tracker.locked
         self._tracker.unlock()
         if self.balancer is not None and self.balancer is not balancer:
@@ -458,6 +503,10 @@ class MultiTaskModel(keras.Model):
                 f"({self.task_names}); received {type(y).__name__}."
             )
         self._check_task_keys(y, "targets")
+        output_shapes = getattr(self, "_head_output_shapes", None) or {}
+        for task in self.task_names:
+            input_checks.check_target_present(task, y[task])
+            input_checks.check_target_shape(task, y[task], output_shapes.get(task), self._task_losses_fns[task])
 
     # ------------------------------------------------------------------ losses
     def _task_losses(self, y, y_pred, sample_weight):
@@ -517,7 +566,7 @@ class MultiTaskModel(keras.Model):
             self._apply_stage(update, batch, grads.forward, variables, scaling.inner_optimizer)
             self._metrics_stage(batch, grads.forward, update, mask)
 
-        logs = skip.run(finite, apply, lambda: self._step_logs(finite, invalid, scaling.active))
+        logs = skip.run(finite, apply, lambda ok=finite: self._step_logs(ok, invalid, scaling.active))
         scaling.update(finite)
         return logs
 
@@ -527,6 +576,7 @@ class MultiTaskModel(keras.Model):
         self._check_targets(y)
         if not self.built or (self.balancer is not None and not self.balancer.built):
             self._symbolic_build(data_batch=data)
+            self._check_targets(y)                              # again, now against the heads' output shapes
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
         task_variables = self.task_variables()
@@ -537,7 +587,8 @@ class MultiTaskModel(keras.Model):
 
     def _skip_strategy(self, inner_optimizer):
         if gradient_backends.skips_by_branch():
-            return _BranchSkip(self._forward_state_variables(), self._skip_tracker, self._metric_logs)
+            return _BranchSkip(self._forward_state_variables(), self._skip_tracker, self._metric_logs,
+                               unique(self.trainable_variables + list(inner_optimizer.variables)))
         return _SelectSkip(self._guarded_variables(inner_optimizer), self._skip_tracker)
 
     def _forward_stage(self, batch):
@@ -581,13 +632,30 @@ class MultiTaskModel(keras.Model):
 
         One reduction per gradient tensor: a NaN or inf entry makes its sum non-finite (a sum of finite gradients
         that overflows float32 counts as non-finite too: such a step is not usable either)."""
-        invalid = self.balancer.invalid_losses(grads.forward.losses.raw)
+        raw = grads.forward.losses.raw
+        invalid = self.balancer.invalid_losses(raw)
+        if grads.blocks is not None:
+            # A task without labels in this batch (loss exactly 0, every gradient 0) is usable: it takes no part.
+            grads.labelled = ops.logical_not(self._without_labels(raw, grads))
+            none_labelled = ops.logical_not(ops.any(grads.labelled))            # then nothing to learn: skipped
+            invalid = ops.logical_and(invalid, ops.logical_or(grads.labelled, none_labelled))
         finite = ops.logical_not(ops.any(invalid))
         tensors = grads.tensors()
         if tensors:
             sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
             finite = ops.logical_and(finite, ops.all(ops.isfinite(sums)))
         return finite, invalid
+
+    def _without_labels(self, raw, grads):
+        """(T,) bool: tasks whose raw loss is exactly 0 with every gradient exactly 0 (no labelled sample, or a
+        sample_weight of 0 for the task over the whole batch)."""
+        num_tasks = len(self.task_names)
+        squares = ops.zeros((num_tasks,), "float32")
+        for block in grads.blocks:
+            squares = squares + ops.sum(ops.square(ops.reshape(ops.cast(block, "float32"), (num_tasks, -1))), axis=1)
+        own = [ops.sum(ops.stack([ops.sum(ops.square(ops.cast(g, "float32"))) for g in group]))
+               if group else ops.zeros((), "float32") for group in grads.own]
+        return ops.logical_and(ops.equal(raw, 0.0), ops.equal(squares + ops.stack(own), 0.0))
 
     def _balance_stage(self, grads, mask=None):
         """The balancer's update: one gradient per step variable, the task weights, and the step's one
@@ -599,7 +667,7 @@ class MultiTaskModel(keras.Model):
             # The select path runs this on a skipped step too (the result is discarded): keep NaN out of solvers.
             blocks = [ops.where(mask, b, ops.zeros_like(b)) for b in blocks]
             losses = losses.where(mask)
-        jacobian = balancer_base.TaskJacobian(blocks, len(self.task_names))
+        jacobian = balancer_base.TaskJacobian(blocks, len(self.task_names), getattr(grads, "labelled", None))
         if self.gradient_statistics is not None:
             self.gradient_statistics.update_state(jacobian.gramian())
         aggregation = self.balancer.aggregate(losses, jacobian)
@@ -709,11 +777,71 @@ class MultiTaskModel(keras.Model):
 
         return gradient_backends.run_step(self._balanced_test_step, args, state)
 
-    def fit(self, *args, callbacks=None, **kwargs):
+    def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
+        self._check_fit_arguments(x, y, kwargs.get("sample_weight"))
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, (list, tuple)) and len(validation) in (2, 3):
+            self._check_fit_arguments(*validation, what="validation")
         callbacks = list(callbacks or [])
         callbacks.insert(0, mtl_callbacks.SkipReport(self))
         callbacks.insert(1, mtl_callbacks.BalancerEpochHook(self))
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        empty_check = input_checks.EmptyDataCheck()
+        callbacks.insert(2, empty_check)
+        self._build_at_fit_start = any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)
+        try:
+            return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+        except UnboundLocalError as error:        # Keras' JAX loop after an epoch without a batch
+            if empty_check.saw_no_batch:
+                raise ValueError(input_checks.EMPTY_DATA.format(what="training")) from error
+            raise
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self._check_fit_arguments(x, y, kwargs.get("sample_weight"), what="evaluation")
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def _check_fit_arguments(self, x, y, sample_weight=None, what="training"):
+        """What can be checked before any work: array data with no sample, a target None, per-task inputs."""
+        if _is_dict(y):
+            self._check_task_keys(y, "targets")
+            for task in self.task_names:
+                input_checks.check_target_present(task, y[task])
+        if _is_dict(sample_weight):
+            self._check_task_keys(sample_weight, "sample weights", require_all=False)
+        if self.per_task_inputs and (_is_dict(x) or hasattr(x, "shape")):
+            input_checks.check_per_task_inputs(x, self.task_names, input_checks.describe)
+        elif _is_dict(x) and set(x) and set(x) <= set(self.task_names) and not isinstance(self.encoder, keras.Model):
+            raise ValueError(
+                f"x is a dict keyed by task names ({sorted(x)}) but this MultiTaskModel has per_task_inputs=False: "
+                "one input runs through the encoder for every task. Pass MultiTaskModel(..., per_task_inputs=True) "
+                "for one batch per task, or give x as one array."
+            )
+        if input_checks.num_samples(x) == 0:
+            raise ValueError(input_checks.EMPTY_DATA.format(what=what) + " (x has 0 samples)")
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        # Keras takes the first batch of `iterator` here: an empty dataset gets a clear error.
+        if iterator is not None and data_batch is None:
+            iterator = input_checks.NonEmpty(iterator)
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # TensorFlow builds a model at the first trace of its step, after `on_train_begin`: with a callback that
+        # needs a built model (BackupAndRestore), build it at the start of `fit`, as JAX and torch do.
+        if (getattr(self, "_build_at_fit_start", False) and iterator is not None and not self.built
+                and getattr(self, "_distribute_strategy", None) is None):
+            return self._symbolic_build(iterator=iterator)
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        try:
+            return super().load_weights(filepath, *args, **kwargs)
+        except OSError as error:                # still an OSError: BackupAndRestore(double_checkpoint=True) retries
+            raise OSError(
+                f"Could not read the weights file {str(filepath)!r}: {error}. The file is damaged, e.g. truncated "
+                "by a process killed while writing it. Delete it to start over; "
+                "keras.callbacks.BackupAndRestore(..., double_checkpoint=True) keeps the previous backup and "
+                "falls back to it."
+            ) from error
 
     def export(self, filepath, format="tf_saved_model", **kwargs):
         mtl_export.prepare(self, format, kwargs.get("input_signature"))

@@ -207,7 +207,7 @@ def run(data_root, dataset="office31", balancer="dbmtl", stl=False, stl_results=
         "history": _history_to_json(mtl["history"]),
         "stl": {"test": stl_acc, "val": stl_val, "avg": float(np.mean([stl_acc[d] for d in domains])),
                 "source": stl_source},
-        # the Table 4 columns, keyed as in shared/reference/<dataset>_table4.csv
+        # the Table 4 columns, keyed as in tests/data/paper_tables/<dataset>_table4.csv
         "table4": dict(
             {c: mtl["test"][d] for c, d in zip(spec["columns"], spec["domains"]) if d in domains},
             avg=mtl["avg"], delta_p=dp),

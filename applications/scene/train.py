@@ -31,7 +31,7 @@ from applications.common import add_weight_decay, write_results
 from applications.scene.data import SceneDataset, make_tf_dataset, tf_data_errors_unwrapped
 from applications.scene.models import SIZE_MULTIPLE, build_scene_model
 
-# Log-key suffix of each keras_dbmtl metric -> column of the paper's tables (and of shared/reference/*.csv).
+# Log-key suffix of each keras_dbmtl metric -> column of the paper's tables (and of tests/data/paper_tables/*.csv).
 COLUMNS = {
     "segmentation": [("miou", "seg_mIoU"), ("pixel_acc", "seg_PAcc")],
     "depth": [("abs_err", "depth_AErr"), ("rel_err", "depth_RErr")],

@@ -37,6 +37,8 @@ import math
 import keras
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
+
 LOSS_TRANSFORMS = (None, "log")
 
 
@@ -55,11 +57,16 @@ class TaskJacobian:
 
     `blocks[i]` has shape `(T,) + shared_variables[i].shape`. Properties compute what a balancer asks for, and
     nothing else: `gramian()` sums per-block products and never concatenates; `matrix()` concatenates into (T, P).
+
+    `labelled`: None, or (T,) bool, False for a task without labels in this batch (its loss is exactly 0 and all
+    its gradients are 0). Such a task contributes nothing to the shared direction and its state stays as it was:
+    DB-MTL and the min-norm methods honour it; for the others its zero row is one more task gradient.
     """
 
-    def __init__(self, blocks, num_tasks):
+    def __init__(self, blocks, num_tasks, labelled=None):
         self.blocks = list(blocks)
         self.num_tasks = num_tasks
+        self.labelled = labelled
         self._matrix = None
         self._gramian = None
 
@@ -142,10 +149,7 @@ class Balancer(keras.layers.Layer):
     def __init__(self, loss_transform=None, eps=1e-8, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if loss_transform not in LOSS_TRANSFORMS:
-            raise ValueError(
-                f"Unknown loss_transform {loss_transform!r}; expected one of {LOSS_TRANSFORMS}."
-            )
+        check_hyperparameters(self, loss_transform=(loss_transform, LOSS_TRANSFORMS), eps=(eps, "(0, inf)"))
         self.loss_transform = loss_transform
         self.eps = float(eps)
         self.num_tasks = None

@@ -15,6 +15,7 @@ task's gradient.
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -32,10 +33,7 @@ class CAGrad(GramianBalancer):
 
     def __init__(self, c=0.5, rescale=1, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if float(c) < 0.0:
-            raise ValueError(f"c must be >= 0, got {c}.")
-        if int(rescale) not in (0, 1, 2):
-            raise ValueError(f"rescale must be 0, 1 or 2, got {rescale}.")
+        check_hyperparameters(self, c=(c, "[0, 1)"), rescale=(rescale, "int [0, 2]"))
         self.c = float(c)
         self.rescale = int(rescale)
 

@@ -23,6 +23,7 @@ The EMA buffers are a (T, P) float32 state variable, `ema_gradients`.
 
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -53,15 +54,9 @@ class DBMTL(JacobianBalancer):
         **kwargs,
     ):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if not 0.0 <= float(beta) < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}.")
-        if float(beta_sigma) < 0.0:
-            raise ValueError(f"beta_sigma must be >= 0, got {beta_sigma}.")
-        if isinstance(scaling, str):
-            if scaling not in SCALINGS:
-                raise ValueError(f"scaling must be one of {SCALINGS} or a positive number, got {scaling!r}.")
-        elif not float(scaling) > 0.0:
-            raise ValueError(f"A constant scaling must be positive, got {scaling}.")
+        check_hyperparameters(self, beta=(beta, "[0, 1)"), beta_sigma=(beta_sigma, "[0, inf)"),
+                              scaling=(scaling, SCALINGS + ("(0, inf)",)),
+                              gradient_balancing=(gradient_balancing, (True, False)))
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
         self.scaling = scaling if isinstance(scaling, str) else float(scaling)
@@ -81,26 +76,39 @@ class DBMTL(JacobianBalancer):
     def combine_losses(self, losses):
         return ops.sum(losses.transformed), ops.ones_like(losses.transformed)
 
-    def _alpha(self, ema_norms):
+    def _alpha(self, ema_norms, labelled):
+        """alpha_k over the tasks with labels in this batch (all tasks when `labelled` is None)."""
         if not isinstance(self.scaling, str):
             return ops.convert_to_tensor(self.scaling, "float32")
+        if labelled is None:
+            labelled = ops.ones_like(ema_norms, dtype="bool")
+        inf = float("inf")
+        count = ops.maximum(ops.sum(ops.cast(labelled, "int32")), 1)
         if self.scaling == "max":
-            return ops.max(ema_norms)
+            return ops.max(ops.where(labelled, ema_norms, 0.0))
         if self.scaling == "min":
-            return ops.min(ema_norms)
+            return ops.min(ops.where(labelled, ema_norms, inf))
         if self.scaling == "mean":
-            return ops.mean(ema_norms)
-        return ops.median(ema_norms)
+            return ops.sum(ops.where(labelled, ema_norms, 0.0)) / ops.cast(count, "float32")
+        ordered = ops.sort(ops.where(labelled, ema_norms, inf))             # the labelled tasks first
+        low, high = ops.take(ordered, (count - 1) // 2), ops.take(ordered, count // 2)
+        return (low + high) / 2.0
 
     def aggregate(self, losses, task_jacobian):
         gradients = task_jacobian.matrix()                                   # g_t, (T, P)
+        labelled = task_jacobian.labelled
         k = self.next_step()
         beta_k = self.beta / ops.power(k, self.beta_sigma)                   # beta / k^beta_sigma
-        ema = beta_k * self.ema_gradients + (1.0 - beta_k) * gradients      # Eq. (1)
+        previous = ops.convert_to_tensor(self.ema_gradients)
+        ema = beta_k * previous + (1.0 - beta_k) * gradients                # Eq. (1)
+        if labelled is not None:                                             # a task without labels: EMA kept
+            ema = ops.where(labelled[:, None], ema, previous)
         self.ema_gradients.assign(ema)
         ema_norms = ops.sqrt(ops.sum(ops.square(ema), axis=1))               # ||ema_t||
-        alpha = self._alpha(ema_norms)                                       # alpha_k
+        alpha = self._alpha(ema_norms, labelled)                             # alpha_k
         task_weights = alpha / (ema_norms + self.eps)                        # Eq. (2): alpha / (||ema_t|| + eps)
+        if labelled is not None:                                             # ... and no part of the direction
+            task_weights = ops.where(labelled, task_weights, 0.0)
         direction = ops.matmul(task_weights[None, :], ema)[0]                # sum_t weight_t * ema_t
         return Aggregation(task_weights=task_weights, shared_direction=direction)
 

@@ -17,6 +17,7 @@ assignments made here take effect on every backend (tested). Without an epoch bo
 
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -31,8 +32,7 @@ class DWA(LossBalancer):
 
     def __init__(self, temperature=2.0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if not float(temperature) > 0.0:
-            raise ValueError(f"temperature must be positive, got {temperature}.")
+        check_hyperparameters(self, temperature=(temperature, "(0, inf)"))
         self.temperature = float(temperature)
 
     def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):

@@ -12,6 +12,7 @@ eta = 0.01 (`robust_step_size`, the authors' default). State: H (T x P), e(1), w
 
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -26,6 +27,7 @@ class ExcessMTL(JacobianBalancer):
 
     def __init__(self, robust_step_size=0.01, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        check_hyperparameters(self, robust_step_size=(robust_step_size, "(0, inf)"))
         self.robust_step_size = float(robust_step_size)
 
     def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):

@@ -12,6 +12,7 @@ multiply the task losses (heads included), as the official weighted loss sum_t w
 """
 
 from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -26,8 +27,7 @@ class FairGrad(GramianBalancer):
 
     def __init__(self, alpha=1.0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if not float(alpha) > 0.0:
-            raise ValueError(f"alpha must be positive, got {alpha}.")
+        check_hyperparameters(self, alpha=(alpha, "(0, inf)"))
         self.alpha = float(alpha)
 
     def aggregate(self, losses, task_jacobian):

@@ -22,7 +22,7 @@ are state variables. FAMO already takes the log of the losses, so `loss_transfor
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
-from keras_dbmtl.balancers._checks import reject_log_transform
+from keras_dbmtl.balancers._checks import check_hyperparameters, reject_log_transform
 from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -39,6 +39,8 @@ class FAMO(LossBalancer):
     def __init__(self, weight_learning_rate=0.025, weight_decay=1e-3, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         reject_log_transform(self, "already optimises log-losses")
+        check_hyperparameters(self, weight_learning_rate=(weight_learning_rate, "(0, inf)"),
+                              weight_decay=(weight_decay, "[0, inf)"))
         self.weight_learning_rate = float(weight_learning_rate)
         self.weight_decay = float(weight_decay)
 

@@ -15,6 +15,7 @@ per parameter entry (the construction is otherwise identical). Needs the Jacobia
 import keras
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -30,8 +31,7 @@ class GradDrop(JacobianBalancer):
 
     def __init__(self, leak=0.0, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if not 0.0 <= float(leak) <= 1.0:
-            raise ValueError(f"leak must be in [0, 1], got {leak}.")
+        check_hyperparameters(self, leak=(leak, "[0, 1]"))
         self.leak = float(leak)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

@@ -21,6 +21,7 @@ L_grad gradient of step k at step k + 1 (one step late). A model hook returning 
 
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -37,6 +38,7 @@ class GradNorm(GramianBalancer):
 
     def __init__(self, alpha=1.5, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        check_hyperparameters(self, alpha=(alpha, "[0, inf)"))
         self.alpha = float(alpha)
 
     def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):

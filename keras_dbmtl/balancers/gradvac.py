@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -37,8 +38,7 @@ class GradVac(GramianBalancer):
 
     def __init__(self, beta=0.01, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if not 0.0 <= float(beta) <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}.")
+        check_hyperparameters(self, beta=(beta, "[0, 1]"))
         self.beta = float(beta)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

@@ -22,6 +22,7 @@ paper's state, action space, reward and warm-up; sigma = 1 makes the initial pol
 import keras
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -42,8 +43,10 @@ class IGBv2(LossBalancer):
     def __init__(self, warmup_epochs=5, base_epoch=0, policy_learning_rate=0.01, exploration=1.0, seed=None,
                  loss_transform="log", eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if int(base_epoch) < 0 or int(warmup_epochs) < int(base_epoch) + 1:
-            raise ValueError("IGBv2 needs 0 <= base_epoch < warmup_epochs (the base losses come from the warm-up).")
+        check_hyperparameters(self, warmup_epochs=(warmup_epochs, "int [1, inf)"),
+                              base_epoch=(base_epoch, f"int [0, {warmup_epochs})"),
+                              policy_learning_rate=(policy_learning_rate, "(0, inf)"),
+                              exploration=(exploration, "(0, inf)"))
         self.warmup_epochs = int(warmup_epochs)
         self.base_epoch = int(base_epoch)
         self.policy_learning_rate = float(policy_learning_rate)

@@ -19,7 +19,7 @@ having no target-task gradient; not reproduced). Logged weight: the scale factor
 
 from keras import ops
 
-from keras_dbmtl.balancers._checks import resolve_task
+from keras_dbmtl.balancers._checks import check_hyperparameters, resolve_task
 from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -38,8 +38,8 @@ class MetaBalance(JacobianBalancer):
 
     def __init__(self, relax_factor=0.7, beta=0.9, target=0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if not 0.0 <= float(relax_factor) < 1.0 or not 0.0 <= float(beta) < 1.0:
-            raise ValueError("relax_factor and beta must be in [0, 1).")
+        check_hyperparameters(self, relax_factor=(relax_factor, "[0, 1]"), beta=(beta, "[0, 1)"),
+                              target=(target, ("int [0, inf)", str)))
         self.relax_factor = float(relax_factor)
         self.beta = float(beta)
         self.target = target

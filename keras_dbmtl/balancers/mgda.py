@@ -19,6 +19,7 @@ is never concatenated.
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -39,8 +40,8 @@ class MGDA(GramianBalancer):
 
     def __init__(self, normalization=None, scale_heads=True, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if normalization is not None and normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
+        check_hyperparameters(self, normalization=(normalization, (None,) + NORMALIZATIONS),
+                              scale_heads=(scale_heads, (True, False)))
         if loss_transform == "log" and normalization in ("loss", "loss+"):
             raise ValueError(
                 f"MGDA(normalization={normalization!r}) with loss_transform='log' divides by the loss twice "
@@ -69,7 +70,7 @@ class MGDA(GramianBalancer):
             normalizer = losses.transformed * norms
         normalizer = normalizer + self.eps
         normalized = gramian / (normalizer[:, None] * normalizer[None, :])       # Gramian of g_t / n_t
-        weights = solvers.min_norm_weights(normalized)                            # Eq. (3)
+        weights = solvers.min_norm_weights(normalized, allowed=task_jacobian.labelled)   # Eq. (3)
         return Aggregation(task_weights=weights, head_weights=weights if self.scale_heads else None)
 
     def get_config(self):

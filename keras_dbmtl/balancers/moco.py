@@ -17,6 +17,7 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -34,6 +35,8 @@ class MoCo(JacobianBalancer):
     def __init__(self, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0, loss_transform=None,
                  eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        check_hyperparameters(self, beta=(beta, "(0, 1]"), beta_sigma=(beta_sigma, "[0, inf)"),
+                              gamma=(gamma, "(0, inf)"), gamma_sigma=(gamma_sigma, "[0, inf)"), rho=(rho, "[0, inf)"))
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.gamma, self.gamma_sigma = float(gamma), float(gamma_sigma)
         self.rho = float(rho)

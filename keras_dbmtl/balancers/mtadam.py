@@ -20,6 +20,7 @@ Logged weight: the balancing factor n_anchor / n_t averaged over the variables.
 
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -37,6 +38,8 @@ class MTAdam(JacobianBalancer):
     def __init__(self, beta_1=0.9, beta_2=0.999, beta_3=0.9, epsilon=1e-8, loss_transform=None, eps=1e-8,
                  **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        check_hyperparameters(self, beta_1=(beta_1, "[0, 1)"), beta_2=(beta_2, "[0, 1)"),
+                              beta_3=(beta_3, "[0, 1)"), epsilon=(epsilon, "(0, inf)"))
         self.beta_1, self.beta_2, self.beta_3 = float(beta_1), float(beta_2), float(beta_3)
         self.epsilon = float(epsilon)
 

@@ -15,6 +15,7 @@ sum_t alpha_t l_t of the official code; the DB-MTL paper lists Nash-MTL among su
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -30,8 +31,8 @@ class NashMTL(GramianBalancer):
 
     def __init__(self, max_norm=1.0, update_weights_every=1, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if int(update_weights_every) < 1:
-            raise ValueError("update_weights_every must be >= 1.")
+        check_hyperparameters(self, max_norm=(max_norm, "[0, inf)"),
+                              update_weights_every=(update_weights_every, "int [1, inf)"))
         self.max_norm = float(max_norm)
         self.update_weights_every = int(update_weights_every)
 

@@ -11,6 +11,7 @@ balancer, whose state is a variable: it is saved with the model and threaded thr
 import keras
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -28,8 +29,7 @@ class RLW(LossBalancer):
 
     def __init__(self, distribution="normal", seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+        check_hyperparameters(self, distribution=(distribution, DISTRIBUTIONS))
         self.distribution = distribution
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

@@ -58,9 +58,12 @@ def _spectral_bound(gramian):
     return ops.max(ops.sum(ops.abs(gramian), axis=-1))
 
 
-def simplex_projection(values):
-    """Euclidean projection of each row of `values` (..., T) onto the probability simplex (sort-based, exact)."""
+def simplex_projection(values, allowed=None):
+    """Euclidean projection of each row of `values` (..., T) onto the probability simplex (sort-based, exact);
+    with `allowed` (T,) bool, onto its face where the entries not allowed are 0."""
     num = values.shape[-1]
+    if allowed is not None:
+        values = ops.where(allowed, values, -1e30)                               # sorted last, projected to 0
     ordered = ops.flip(ops.sort(values, axis=-1), axis=-1)                      # u_1 >= ... >= u_T
     cumulative = ops.cumsum(ordered, axis=-1) - 1.0
     ranks = ops.arange(1, num + 1, dtype=values.dtype)
@@ -87,19 +90,28 @@ def _fista(gradient, project, start, iterations):
     return x
 
 
-def min_norm_weights(gramian, iterations=MIN_NORM_ITERATIONS):
-    """argmin_{w in simplex} w^T G w: the weights of the min-norm point of the convex hull of the task gradients."""
+def min_norm_weights(gramian, iterations=MIN_NORM_ITERATIONS, allowed=None):
+    """argmin_{w in simplex} w^T G w: the weights of the min-norm point of the convex hull of the task gradients.
+    `allowed` (T,) bool: only these tasks take part (the others get weight 0), e.g. the tasks with labels."""
     num = gramian.shape[-1]
     if num == 1:
         return ops.ones((1,), gramian.dtype)
     gramian = gramian / (_spectral_bound(gramian) + 1e-30)                      # lambda_max <= 1
-    start = ops.ones((num,), gramian.dtype) / num
+    if allowed is None:
+        start = ops.ones((num,), gramian.dtype) / num
+    else:
+        allowed_float = ops.cast(allowed, gramian.dtype)
+        start = allowed_float / ops.maximum(ops.sum(allowed_float), 1.0)
+
+    def project(values):
+        return simplex_projection(values, allowed)
+
     # f(w) = w^T G w has gradient 2 G w and Lipschitz constant 2 lambda_max <= 2: step 1/2.
-    weights = _fista(lambda w: ops.matmul(gramian, w), simplex_projection, start, iterations)
-    return _simplex_active_set(gramian, ops.zeros((num,), gramian.dtype), 1.0, weights)
+    weights = _fista(lambda w: ops.matmul(gramian, w), project, start, iterations)
+    return _simplex_active_set(gramian, ops.zeros((num,), gramian.dtype), 1.0, weights, allowed=allowed)
 
 
-def _simplex_active_set(gramian, linear, phi, weights, steps=None):
+def _simplex_active_set(gramian, linear, phi, weights, steps=None, allowed=None):
     """Primal active-set refinement for min_{w in simplex} F(w) = b.w + phi sqrt(w^T G w) (b = 0: min-norm).
 
     On a support S the minimiser over {sum_S w = 1} is closed-form: with a = G_SS^-1 1, e = G_SS^-1 b,
@@ -125,7 +137,8 @@ def _simplex_active_set(gramian, linear, phi, weights, steps=None):
         norm = ops.sqrt(ops.maximum(ops.sum(w * gw), 1e-30))
         gradient = linear + phi * gw / norm
         support = w > 0.0
-        reduced = ops.where(support, float("inf"), gradient - ops.sum(w * gradient))
+        excluded = support if allowed is None else ops.logical_or(support, ops.logical_not(allowed))
+        reduced = ops.where(excluded, float("inf"), gradient - ops.sum(w * gradient))
         add = ops.logical_and(at_optimum, ops.min(reduced) < 0.0)
         entering = one_hot(ops.argmin(reduced), num, gramian.dtype)
         mask = ops.maximum(ops.cast(support, gramian.dtype), ops.where(add, entering, 0.0))

@@ -15,7 +15,7 @@ STCH already works on log-losses, so `loss_transform="log"` is rejected.
 
 from keras import ops
 
-from keras_dbmtl.balancers._checks import reject_log_transform
+from keras_dbmtl.balancers._checks import check_hyperparameters, reject_log_transform
 from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -32,10 +32,7 @@ class STCH(LossBalancer):
     def __init__(self, mu=1.0, warmup_epochs=4, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         reject_log_transform(self, "already scalarises log-losses")
-        if not float(mu) > 0.0:
-            raise ValueError(f"mu must be positive, got {mu}.")
-        if int(warmup_epochs) < 1:
-            raise ValueError("warmup_epochs must be >= 1: the reference point z is the last warm-up epoch's mean.")
+        check_hyperparameters(self, mu=(mu, "(0, inf)"), warmup_epochs=(warmup_epochs, "int [1, inf)"))
         self.mu = float(mu)
         self.warmup_epochs = int(warmup_epochs)
 

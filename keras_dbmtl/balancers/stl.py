@@ -8,7 +8,7 @@ task by name (or index); `balancers.get("stl")` trains the first task.
 
 from keras import ops
 
-from keras_dbmtl.balancers._checks import resolve_task
+from keras_dbmtl.balancers._checks import check_hyperparameters, resolve_task
 from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -23,6 +23,7 @@ class STL(LossBalancer):
 
     def __init__(self, task=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        check_hyperparameters(self, task=(task, (None, "int [0, inf)", str)))
         self.task = task
 
     def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):

@@ -14,6 +14,7 @@ task's gradient.
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -40,6 +41,7 @@ class UPGrad(GramianBalancer):
 
     def __init__(self, norm_eps=1e-4, reg_eps=1e-4, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        check_hyperparameters(self, norm_eps=(norm_eps, "[0, inf)"), reg_eps=(reg_eps, "[0, inf)"))
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
 

@@ -11,6 +11,7 @@ regression form and s_t starts at -0.5 (`initial_log_variance`). Logged weight: 
 import keras
 from keras import ops
 
+from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import LossBalancer
 from keras_dbmtl.balancers.registry import register
 
@@ -25,6 +26,7 @@ class UW(LossBalancer):
 
     def __init__(self, initial_log_variance=-0.5, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
+        check_hyperparameters(self, initial_log_variance=(initial_log_variance, "(-inf, inf)"))
         self.initial_log_variance = float(initial_log_variance)
 
     def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):

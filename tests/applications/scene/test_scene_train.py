@@ -14,7 +14,7 @@ from applications.scene.data import make_tf_dataset, write_samples
 from applications.scene.models import build_scene_model
 from applications.scene.train import metric_keys, select_epoch, task_losses, task_metrics
 
-# The paper's Table 2 STL row (shared/reference/cityscapes_table2.csv), the Δp baseline when no STL is trained.
+# The paper's Table 2 STL row (tests/data/paper_tables/cityscapes_table2.csv), the Δp baseline when no STL is trained.
 PAPER_STL = {"seg_mIoU": 69.06, "seg_PAcc": 91.54, "depth_AErr": 0.01282, "depth_RErr": 43.53}
 HIGHER_IS_BETTER = {"seg_mIoU": True, "seg_PAcc": True, "depth_AErr": False, "depth_RErr": False}
 
