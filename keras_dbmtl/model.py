@@ -126,15 +126,16 @@ class _SelectSkip:
 
     sanitizes = True
 
-    def __init__(self, variables, skip_tracker):
+    def __init__(self, variables, skip_tracker, updated_variables=()):
         self.variables, self.skip_tracker = variables, skip_tracker
         self.previous = gradient_backends.snapshot(variables)       # before the forward pass
+        self.updated_variables = list(updated_variables)
 
     def run(self, finite, apply, step_logs):
         apply(mask=finite)
         # Finite gradients can still make a non-finite update (Adam's second moment of a gradient beyond ~1e19
-        # overflows float32): what the step wrote is checked too, one reduction per variable.
-        applied = ops.logical_and(finite, _all_finite(self.variables))
+        # overflows float32): the weights and optimizer state it wrote are checked too, one reduction each.
+        applied = ops.logical_and(finite, _all_finite(self.updated_variables))
         gradient_backends.keep_where(applied, self.variables, self.previous)
         self.skip_tracker.update_state(1.0 - ops.cast(applied, "float32"))
         return step_logs(applied)
@@ -589,7 +590,8 @@ class MultiTaskModel(keras.Model):
         if gradient_backends.skips_by_branch():
             return _BranchSkip(self._forward_state_variables(), self._skip_tracker, self._metric_logs,
                                unique(self.trainable_variables + list(inner_optimizer.variables)))
-        return _SelectSkip(self._guarded_variables(inner_optimizer), self._skip_tracker)
+        return _SelectSkip(self._guarded_variables(inner_optimizer), self._skip_tracker,
+                           unique(self.trainable_variables + list(inner_optimizer.variables)))
 
     def _forward_stage(self, batch):
         """One forward pass: predictions, the task losses (float32 under any policy; on several replicas the
