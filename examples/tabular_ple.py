@@ -69,6 +69,7 @@ def main(argv=None):
     parser.add_argument("--out", default="tabular_ple_output", help="directory of the figures")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--samples", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="512 samples, 2 epochs (the test)")
     parser.add_argument("--compare-ew", action="store_true", help="also train with equal weights (EW)")
     parser.add_argument("--tensorboard", default=None, help="TensorBoard log directory")
@@ -83,11 +84,11 @@ def main(argv=None):
         tensorboard = keras.callbacks.TensorBoard(log_dir=args.tensorboard)
         callbacks.append(tensorboard)
     monitor = TaskBalanceMonitor(every_n_steps=20, tensorboard=tensorboard)
-    model, history = train("dbmtl", x, y, validation, epochs, 128, callbacks + [monitor])
+    model, history = train("dbmtl", x, y, validation, epochs, args.batch_size, callbacks + [monitor])
     figures = plotting.plot_task_balance(history, args.out, monitor=monitor)
     rows = {"dbmtl": model.evaluate(*validation, verbose=0, return_dict=True)}
     if args.compare_ew:
-        ew_model, _ = train("ew", x, y, validation, epochs, 128)
+        ew_model, _ = train("ew", x, y, validation, epochs, args.batch_size)
         rows["ew"] = ew_model.evaluate(*validation, verbose=0, return_dict=True)
     elapsed = time.perf_counter() - start
     h = history.history
