@@ -31,6 +31,7 @@ MIN_NORM_ITERATIONS = 100
 BOX_QP_ITERATIONS = 100
 CAGRAD_ITERATIONS = 200
 NEWTON_ITERATIONS = 30
+VANISHING = 1e-7
 
 
 def one_hot(indices, num, dtype):
@@ -40,17 +41,24 @@ def one_hot(indices, num, dtype):
 
 
 def _solve(system, rhs, ridge=1e-6, refinements=2):
-    """system^-1 rhs for the active-set steps (systems scaled to lambda_max <= 1), by LU on system + ridge I with
-    two steps of iterative refinement against the unregularised system: exact to float32 for every non-singular
-    system (the error shrinks like (ridge / lambda_min)^3), and finite for exactly singular ones (supports of
-    P < T gradients), where `ops.solve` raises on TensorFlow and torch. (An SVD-based pseudo-inverse would also
-    do, but compiles very slowly under XLA and is less accurate there.) The active-set steps only accept answers
-    that improve the objective."""
-    regularized = system + ridge * ops.eye(system.shape[-1], dtype=system.dtype)
-    solution = ops.solve(regularized, rhs)
+    """system^-1 rhs for the active-set steps, by LU on the Jacobi-scaled system S = D^-1/2 system D^-1/2
+    (unit diagonal, D = diag(system)) plus ridge I, with two steps of iterative refinement against the
+    unregularised S. The ridge is thus relative to each row's own scale: gradient norms spanning 1e4 (diagonal
+    entries 1e8 apart) leave S as well conditioned as the tasks' cosines, and the error shrinks like
+    (ridge / lambda_min(S))^3, exact to float32 for every non-singular S. (A fixed ridge on the system itself
+    swamped the small rows: 17 degrees off the min-norm point at a 1e4 spread.) Exactly singular systems (supports
+    of P < T gradients, collinear pairs) stay finite, where `ops.solve` raises on TensorFlow and torch. The
+    active-set steps only accept answers that improve the objective."""
+    diagonal = ops.diagonal(system, axis1=-2, axis2=-1)
+    floor = 1e-30 + 1e-12 * ops.max(diagonal, axis=-1, keepdims=True)
+    scale = 1.0 / ops.sqrt(ops.maximum(diagonal, floor))                          # D^-1/2
+    scaled = system * scale[..., :, None] * scale[..., None, :]
+    scaled_rhs = rhs * scale[..., :, None]
+    regularized = scaled + ridge * ops.eye(system.shape[-1], dtype=system.dtype)
+    solution = ops.solve(regularized, scaled_rhs)
     for _ in range(refinements):
-        solution = solution + ops.solve(regularized, rhs - ops.matmul(system, solution))
-    return solution
+        solution = solution + ops.solve(regularized, scaled_rhs - ops.matmul(scaled, solution))
+    return solution * scale[..., :, None]
 
 
 def _spectral_bound(gramian):
@@ -138,24 +146,50 @@ def _simplex_active_set(gramian, linear, phi, weights, steps=None):
         candidate = ((big_b + root) / big_a * a - e) / root
         valid = ops.logical_and(disc > 0.0, ops.all(ops.isfinite(candidate)))
         descent = -mask * (gradient - ops.sum(mask * gradient) / ops.sum(mask))
-        step = ops.where(valid, candidate - w, descent)
-        ratios = ops.where(step < 0.0, w / ops.maximum(-step, 1e-30), float("inf"))
-        limit = ops.min(ratios)
-        limit = ops.where(valid, ops.minimum(1.0, limit), ops.minimum(limit, 1e6))
-        blocking = ops.logical_and(ratios <= limit, step < 0.0)
-        trials = w[None, :] + (limit * sizes)[:, None] * step[None, :]
-        trials = ops.maximum(trials, 0.0)
-        trials = ops.concatenate([ops.where(blocking[None, :], 0.0, trials[:1]), trials[1:]], axis=0)
-        trials = trials / ops.sum(trials, axis=1, keepdims=True)
+        # Where the face has no minimiser (D <= 0), F decreases without bound along v = (B / A) a - e (sum 0,
+        # b.v = (B^2 - A C) / A < 0) on its affine hull: that direction, as well conditioned as the face's
+        # system, and the reduced gradient are both line-searched up to the boundary.
+        ray = mask * (big_b / big_a * a - e)
+        first_step = ops.where(valid, candidate - w, ops.where(ops.all(ops.isfinite(ray)), ray, descent))
+        first, first_limit = _boundary_trials(w, first_step, sizes, ops.where(valid, 1.0, 1e6))
+        second, _ = _boundary_trials(w, descent, sizes, 1e6)
+        trials = ops.concatenate([first, second], axis=0)
         trial_values = ops.where(ops.all(ops.isfinite(trials), axis=1), values(trials), float("inf"))
-        index = ops.argmin(trial_values)
+        current = values(w[None, :])[0]
+        # The face's exact minimiser, reachable in full, is taken unless F rises by more than float32 rounding
+        # (near the optimum F differs by less than its resolution, and comparing rounded values stalled the method
+        # a few 1e-5 short of the minimiser).
+        exact = ops.logical_and(ops.logical_and(valid, first_limit >= 1.0),
+                                trial_values[0] <= current + 5e-7 * ops.abs(current))
+        index = ops.where(exact, 0, ops.argmin(trial_values))
         # (gathers, not tensor indexing: XLA needs slice starts to be compile-time constants)
-        improved = ops.take(trial_values, index) <= values(w[None, :])[0]
-        full = ops.logical_and(ops.logical_and(improved, valid), ops.logical_and(index == 0, limit >= 1.0))
-        return ops.where(improved, ops.take(trials, index, axis=0), w), full
+        improved = ops.logical_or(exact, ops.take(trial_values, index) <= current)
+        full = ops.logical_and(ops.logical_and(improved, valid), ops.logical_and(index == 0, first_limit >= 1.0))
+        moved = ops.where(improved, ops.take(trials, index, axis=0), w)
+        # No step moved w: it minimises F on its face as far as float precision tells, so the next step may add an
+        # index (without this, a weight left at 1e-11 by a blocked step stalled the method on a suboptimal face).
+        stalled = ops.max(ops.abs(moved - w)) <= 1e-9
+        return moved, ops.logical_or(full, stalled)
 
     w, _ = ops.fori_loop(0, steps, body, (weights, ops.convert_to_tensor(False)))
     return w
+
+
+def _boundary_trials(w, step, sizes, cap):
+    """Points w + s step for s = limit * sizes, limit = min(cap, the largest s keeping w >= 0), renormalised to the
+    simplex; the first trial sets the blocking weights to exactly 0. Weights below 1e-7 that the step decreases
+    leave the support at once instead of blocking it (a weight left at 1e-11 by rounding otherwise limited every
+    later step to ~1e-11). Returns (trials (K, T), limit)."""
+    vanishing = ops.logical_and(step < 0.0, w <= VANISHING)
+    ratios = ops.where(ops.logical_and(step < 0.0, ops.logical_not(vanishing)),
+                       w / ops.maximum(-step, 1e-30), float("inf"))
+    limit = ops.minimum(ops.min(ratios), cap)
+    blocking = ops.logical_and(ratios <= limit, step < 0.0)
+    trials = w[None, :] + (limit * sizes)[:, None] * step[None, :]
+    trials = ops.where(vanishing[None, :], 0.0, ops.maximum(trials, 0.0))
+    trials = ops.concatenate([ops.where(blocking[None, :], 0.0, trials[:1]), trials[1:]], axis=0)
+    return trials / ops.sum(trials, axis=1, keepdims=True), limit
+
 
 
 def box_qp_weights(gramian, lower, iterations=BOX_QP_ITERATIONS):
