@@ -50,7 +50,7 @@ class CAGrad(Balancer):
         w = solvers.cagrad_weights(gramian, self.c)                                 # the dual's w*
         g0_norm = ops.sqrt(ops.maximum(ops.mean(gramian), 0.0))                      # ||g_0||
         gw_norm = ops.sqrt(ops.maximum(ops.sum(w * ops.matmul(gramian, w)), 0.0))    # ||g_w||
-        lam = self.c * g0_norm / (gw_norm + self.eps)
+        lam = self.c * g0_norm / ops.maximum(gw_norm, 1e-30)                          # (no eps: scale-free)
         weights = mean + lam * w                                                    # d = g_0 + lambda g_w
         divisor = {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
         return Aggregation(task_weights=weights / divisor)

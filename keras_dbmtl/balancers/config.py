@@ -19,13 +19,17 @@ from keras_dbmtl.balancers.registry import register
 
 
 def config_weights(gramian, eps=1e-8):
-    norms = ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0)) + eps
+    norms = ops.maximum(ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0)), 1e-30)  # (no eps: scale-free)
     cosines = gramian / (norms[:, None] * norms[None, :])                         # U U^T
     pinv, _, _ = solvers.psd_power(cosines, -1.0)
-    a = ops.sum(pinv, axis=1) / norms                                             # g_v = sum_t a_t g_t
-    gv_norm = ops.sqrt(ops.maximum(ops.sum(a * ops.matmul(gramian, a)), 0.0)) + eps
+    coefficients = ops.sum(pinv, axis=1)                                          # U^+ 1 = U^T coefficients
+    # ||U^+ 1||^2 = 1^T C^+ 1 is >= 1 when the unit gradients are independent, and 0 when 1 is orthogonal to the
+    # range of C (e.g. an exactly anti-collinear pair): there g_v = 0, no direction exists, and d = 0.
+    defined = ops.sum(coefficients) > 1e-4
+    a = coefficients / norms                                                      # g_v = sum_t a_t g_t
+    gv_norm = ops.maximum(ops.sqrt(ops.maximum(ops.sum(a * ops.matmul(gramian, a)), 0.0)), 1e-30)
     length = ops.sum(ops.matmul(gramian, a)) / gv_norm                             # sum_t g_t . g_u
-    return a * length / gv_norm                                                    # d = length * g_u
+    return ops.where(defined, a * length / gv_norm, 0.0)                           # d = length * g_u
 
 
 @register("config")

@@ -65,10 +65,10 @@ class GradVac(Balancer):
             inner = ops.sum(products * pick, axis=1)                               # g_i' . g_j
             norm_i = ops.sqrt(ops.maximum(ops.sum(products * coefficients, axis=1), 0.0))
             norm_j = ops.sum(pick * norms[None, :], axis=1)
-            phi = ops.clip(inner / (norm_i * norm_j + self.eps), -1.0, 1.0)
+            phi = ops.clip(inner / ops.maximum(norm_i * norm_j, 1e-30), -1.0, 1.0)         # (no eps: scale-free)
             target = ops.sum(pick * targets, axis=1)
             root_phi, root_target = ops.sqrt(1.0 - phi * phi), ops.sqrt(1.0 - target * target)
-            step = norm_i * (target * root_phi - phi * root_target) / (norm_j * root_target + self.eps)
+            step = norm_i * (target * root_phi - phi * root_target) / ops.maximum(norm_j * root_target, 1e-6 * norm_j + 1e-30)
             adjust = ops.logical_and(visited, phi < target)
             coefficients = coefficients + ops.where(adjust, step, 0.0)[:, None] * pick
             updated = ops.where(visited, (1.0 - self.beta) * target + self.beta * phi, target)

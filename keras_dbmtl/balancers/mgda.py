@@ -69,7 +69,9 @@ class MGDA(Balancer):
             normalizer = transformed_losses
         else:
             normalizer = transformed_losses * norms
-        normalizer = normalizer + self.eps
+        # No eps added (the paper's code divides by the normaliser as is; 1e-8 was a 0.2 % error at ||g|| ~ 1e-5):
+        # only an exactly zero normaliser (a zero gradient) is replaced by 1, leaving that vector at zero.
+        normalizer = ops.where(ops.equal(normalizer, 0.0), 1.0, normalizer)
         normalized = gramian / (normalizer[:, None] * normalizer[None, :])       # Gramian of g_t / n_t
         weights = solvers.min_norm_weights(normalized)                            # Eq. (3)
         return Aggregation(task_weights=weights, head_weights=weights if self.scale_heads else None)

@@ -32,7 +32,7 @@ def pcgrad_coefficients(gramian, order, eps=1e-12):
         inner = ops.sum(ops.matmul(coefficients, gramian) * pick, axis=1)         # g_i^PC . g_j
         conflict = ops.logical_and(inner < 0.0, ops.not_equal(other, tasks))
         norm_j = ops.sum(pick * squared_norms[None, :], axis=1)                   # ||g_j||^2
-        step = ops.where(conflict, inner / (norm_j + eps), 0.0)
+        step = ops.where(conflict, inner / ops.maximum(norm_j, eps * ops.max(squared_norms) + 1e-30), 0.0)
         coefficients = coefficients - step[:, None] * pick                        # g_i^PC -= step g_j
     return coefficients
 

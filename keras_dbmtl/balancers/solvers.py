@@ -244,7 +244,7 @@ def cagrad_weights(gramian, c, iterations=CAGRAD_ITERATIONS):
     scale = _spectral_bound(gramian) + 1e-30
     normalized = gramian / scale
     b = ops.mean(normalized, axis=1)                                            # g_i . g_0
-    phi = c * ops.sqrt(ops.maximum(ops.mean(normalized), 0.0)) + 1e-8
+    phi = c * ops.sqrt(ops.maximum(ops.mean(normalized), 0.0)) + 1e-12
 
     def objective_and_gradient(w):
         gw = ops.matmul(normalized, w)
@@ -269,8 +269,9 @@ def cagrad_weights(gramian, c, iterations=CAGRAD_ITERATIONS):
     return _simplex_active_set(normalized, b, phi, weights)
 
 
-def power_fair_weights(gramian, alpha=1.0, start=None, iterations=NEWTON_ITERATIONS):
-    """The w > 0 solving G w = w^(-1/alpha), by Newton's method on f(w) = w^T G w / 2 - sum_i psi(w_i).
+def power_fair_weights(gramian, alpha=1.0, start=None, iterations=NEWTON_ITERATIONS, coefficients=None):
+    """The w > 0 solving G w = c w^(-1/alpha) (c = `coefficients`, default 1), by Newton's method on
+    f(w) = w^T G w / 2 - sum_i c_i psi(w_i).
 
     psi'(w) = w^(-1/alpha) (psi = log for alpha = 1), so f is strictly convex on w > 0, its minimiser is the
     solution and the Newton direction also decreases the residual ||grad f||. Each step takes, among the step
@@ -280,18 +281,20 @@ def power_fair_weights(gramian, alpha=1.0, start=None, iterations=NEWTON_ITERATI
     """
     num = gramian.shape[-1]
     diagonal = ops.maximum(ops.diagonal(gramian), 1e-20)
+    if coefficients is None:
+        coefficients = ops.ones((num,), gramian.dtype)
     if start is None:
-        start = ops.power(diagonal, -alpha / (1.0 + alpha))
+        start = ops.power(coefficients / diagonal, alpha / (1.0 + alpha))
     eye = ops.eye(num, dtype=gramian.dtype)
     sizes = ops.power(2.0, -ops.arange(16, dtype=gramian.dtype))
 
     def residuals(w):                                                            # ||G w - w^(-1/alpha)|| per row
         safe = ops.maximum(w, 1e-30)
-        residual = ops.matmul(w, gramian) - ops.power(safe, -1.0 / alpha)
+        residual = ops.matmul(w, gramian) - coefficients * ops.power(safe, -1.0 / alpha)
         return ops.where(ops.all(w > 0.0, axis=-1), ops.sqrt(ops.sum(residual * residual, axis=-1)), float("inf"))
 
     def body(_, w):
-        target = ops.power(w, -1.0 / alpha)
+        target = coefficients * ops.power(w, -1.0 / alpha)
         gradient = ops.matmul(gramian, w) - target
         hessian = gramian + eye * (target / (alpha * w))[None, :]
         step = ops.squeeze(ops.solve(hessian, gradient[:, None]), -1)

@@ -5,9 +5,11 @@ Optimization", ICML 2024), as its authors run it for multi-task learning (their 
     L_mu    = mu log sum_t exp(f_t / mu)             (smooth Tchebycheff, Section 3; lambda_t = 1)
     L       = T L_mu                                 (the authors' scaling)
 
-Warm-up: for the first `warmup_epochs` epochs the loss is sum_t log l_t (EW on log-losses); during the last
-warm-up epoch the losses are averaged, and that average is z. Afterwards the smooth Tchebycheff loss is used.
-Defaults mu = 1, warmup_epochs = 4 (the authors' MTL code). Logged weight: dL/dl_t.
+Warm-up, as the authors' code counts it (0-based epochs e: `e < W` log-EW; `e == W` log-EW while averaging the
+losses; else STCH): epochs 0 .. W - 1 use sum_t log l_t (EW on log-losses), epoch W (the (W + 1)-th) too, and
+its mean losses are z; from epoch W + 1 on the smooth Tchebycheff loss is used. So `warmup_epochs=W` trains
+W + 1 epochs on log-EW, as the authors' code does for the same W. Defaults mu = 1, warmup_epochs = 4 (the
+authors' MTL code). Logged weight: dL/dl_t.
 
 Epochs are counted by `on_epoch_end` (outside the compiled step; see DWA for why this works on every backend).
 STCH already works on log-losses, so `loss_transform="log"` is rejected.
@@ -26,7 +28,8 @@ class STCH(Balancer):
 
     Args:
         mu: smoothing parameter (default 1.0).
-        warmup_epochs: epochs of sum_t log l_t before STCH; the last one estimates z (default 4).
+        warmup_epochs: W: epochs 0..W of sum_t log l_t, the last of them (epoch W) estimates z; STCH from
+            epoch W + 1, as the authors' code (default 4).
     """
 
     needs = "losses"
@@ -36,8 +39,8 @@ class STCH(Balancer):
         reject_log_transform(self, "already scalarises log-losses")
         if not float(mu) > 0.0:
             raise ValueError(f"mu must be positive, got {mu}.")
-        if int(warmup_epochs) < 1:
-            raise ValueError("warmup_epochs must be >= 1: the reference point z is the last warm-up epoch's mean.")
+        if int(warmup_epochs) < 0:
+            raise ValueError("warmup_epochs must be >= 0: epoch warmup_epochs (0-based) estimates z.")
         self.mu = float(mu)
         self.warmup_epochs = int(warmup_epochs)
 
@@ -50,15 +53,15 @@ class STCH(Balancer):
 
     def combine_losses(self, losses):
         log_losses = ops.log(losses + self.eps)
-        # The last warm-up epoch accumulates the losses whose mean becomes z.
-        collecting = ops.cast(ops.equal(self.epochs_seen, self.warmup_epochs - 1.0), "float32")
+        # Epoch W (0-based) accumulates the losses whose mean becomes z (the authors' `epoch == warmup_epoch`).
+        collecting = ops.cast(ops.equal(self.epochs_seen, float(self.warmup_epochs)), "float32")
         self.loss_sums.assign(self.loss_sums + collecting * ops.stop_gradient(losses))
         self.loss_count.assign(self.loss_count + collecting)
 
         warm = ops.sum(log_losses)                                                # sum_t log l_t
         f = log_losses - ops.log(self.reference)                                  # f_t = log(l_t / z_t)
         stch = self.num_tasks * self.mu * ops.logsumexp(f / self.mu)              # smooth Tchebycheff, times T
-        in_warmup = self.epochs_seen < self.warmup_epochs
+        in_warmup = self.epochs_seen <= self.warmup_epochs
         loss = ops.where(in_warmup, warm, stch)
         softmax = self.num_tasks * ops.softmax(ops.stop_gradient(f) / self.mu)
         weights = ops.where(in_warmup, 1.0, softmax) / ops.stop_gradient(losses + self.eps)   # dL/dl_t
@@ -67,7 +70,7 @@ class STCH(Balancer):
     def on_epoch_end(self, epoch):
         if not self.built:
             return
-        if float(ops.convert_to_numpy(self.epochs_seen)) == self.warmup_epochs - 1.0:
+        if float(ops.convert_to_numpy(self.epochs_seen)) == float(self.warmup_epochs):
             count = ops.maximum(self.loss_count.value, 1.0)
             self.reference.assign(self.loss_sums.value / count)
         self.epochs_seen.assign(self.epochs_seen + 1.0)
