@@ -297,7 +297,7 @@ def power_fair_weights(gramian, alpha=1.0, start=None, iterations=NEWTON_ITERATI
         target = coefficients * ops.power(w, -1.0 / alpha)
         gradient = ops.matmul(gramian, w) - target
         hessian = gramian + eye * (target / (alpha * w))[None, :]
-        step = ops.squeeze(ops.solve(hessian, gradient[:, None]), -1)
+        step = ops.squeeze(_solve(hessian, gradient[:, None]), -1)                 # finite if singular
         ratio = ops.where(step > 0.0, w / ops.maximum(step, 1e-30), float("inf"))
         limit = ops.minimum(1.0, 0.99 * ops.min(ratio))
         trials = w[None, :] - (limit * sizes)[:, None] * step[None, :]          # (16, T)
