@@ -14,6 +14,8 @@ As with PCGrad, g_i' stays a linear combination of the original gradients, so th
 norms included) runs on the T x T Gramian (needs = "gramian") and the logged weights are the coefficients of d.
 phi_hat (T x T, starts at 0) is a state variable. beta = 0.01 is the paper's; LibMTL's default is 0.5. The
 targets are updated for every visited pair, as in Algorithm 1. Whole-model granularity (one phi_hat per pair).
+No eps in the cosines (scale-free). Measured accuracy (first step) (float32 against float64, `tests/balancers/test_scale_battery.py`: T = 2..40, gradient norms 1e-6..1e6 spanning 1e4 within a problem, losses 1e-4..1e4, collinear/anti-collinear pairs, P < T): ||d - d*|| <= 1e-5
+max_t ||g_t|| (measured 2.7e-6) against Algorithm 1 on the vectors in float64.
 """
 
 import keras

@@ -1,13 +1,19 @@
 """Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022).
 
-    G = J J^T / ||J J^T||_F                       (the official code normalises the Gramian)
+    G = J J^T                                     (the real Gramian, Section 3.1; scale-equivariant)
     find alpha > 0 with  G alpha = 1 / alpha      (Section 3: the Nash bargaining solution, elementwise)
     d = sum_t alpha_t g_t,   clipped to ||d|| <= max_norm;   psi_t <- psi_t - lr alpha_t grad l_t
 
 The official code approximates alpha by a sequence of convex problems (cvxpy, at most `optim_niter` = 20). Here
-alpha is the exact solution, computed in the compiled step by `solvers.power_fair_weights` (Newton's method with a line search
-on the strictly convex potential alpha^T G alpha / 2 - sum_t log alpha_t, 30 iterations, warm-started from the
-previous step's alpha, a state variable, like the official code). Defaults as the paper's code: max_norm = 1.0 (0 turns
+alpha is the exact solution, computed in the compiled step by `solvers.power_fair_weights` (Newton's method with a
+line search on the strictly convex potential, 30 iterations) in the variables beta_t = ||g_t|| alpha_t, where the
+equation reads C beta = 1 / beta with C the cosine matrix: alpha = beta / ||g_t|| is exactly scale-equivariant.
+It starts from the better of beta = 1 (exact for orthogonal gradients; the first step) and the previous step's
+alpha (a state variable, like the official code), each rescaled to beta^T C beta = T. The clipping norm ||d|| is
+computed from the gradients, not from alpha^T G alpha (which cancels in float32 for anti-collinear gradients).
+Measured accuracy (float32 against float64, `tests/balancers/test_scale_battery.py`: T = 2..40, gradient norms 1e-6..1e6 spanning 1e4 within a problem, losses 1e-4..1e4, collinear/anti-collinear pairs, P < T), full-rank problems: max_t |alpha_t / alpha*_t - 1| <= 1e-3 against Newton in
+float64 (measured 3.4e-4, on T = 40 with 20 tasks at cosines ~0.95; <= 1e-5 on well-conditioned ones). Where
+no positive solution exists (anti-collinear gradients) alpha grows large and the clipping bounds the step. Defaults as the paper's code: max_norm = 1.0 (0 turns
 clipping off), update_weights_every = 1. The heads' gradients are scaled by alpha (the weighted loss
 sum_t alpha_t l_t of the official code; the DB-MTL paper lists Nash-MTL among such methods), not clipped.
 """

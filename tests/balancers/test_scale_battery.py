@@ -105,7 +105,7 @@ def _cases(seed=0):
     rng = np.random.default_rng(seed)
     cases = []
     for num in TASK_COUNTS:
-        for low in (-6.0, -2.0, 2.0):
+        for low in ((-6.0, -2.0, 2.0) if num < 40 else (-2.0,)):                  # T = 40 at one scale: fast
             spread = 10.0 ** (low + rng.permutation(np.linspace(0.0, 4.0, num)))
             cases.append((f"generic T={num} 1e{low:+.0f}x1e4", num, *_problem(_unit_rows(rng, num, min(num + 3, 40)),
                                                                         spread, rng)))
@@ -159,7 +159,7 @@ def _cagrad_direction(jacobian, c=0.5):
     def objective(w):
         return w @ b + phi * np.sqrt(max(w @ gram @ w, 0.0))
 
-    starts = [np.full(num, 1.0 / num)] + [np.eye(num)[t] * 0.9 + 0.1 / num for t in range(min(num, 5))]
+    starts = [np.full(num, 1.0 / num)] + [np.eye(num)[t] * 0.9 + 0.1 / num for t in range(min(num, 2))]
     best = None
     for start in starts:
         result = minimize(objective, start, bounds=[(0, 1)] * num, method="SLSQP",
@@ -168,6 +168,8 @@ def _cagrad_direction(jacobian, c=0.5):
         if best is None or result.fun < best.fun:
             best = result
     gw = best.x @ vectors
+    if phi == 0.0:                                                                 # g_0 = 0: d = g_0
+        return np.zeros(jacobian.shape[1])
     direction = g0 + phi * gw / np.linalg.norm(gw)
     return scale * direction / (1.0 + c * c)
 
@@ -286,7 +288,8 @@ def _mgda_error(normalization):
 
 def _cagrad_error(run, jacobian, losses):
     direction, _, _ = run(jacobian, losses)
-    return _relative(direction - _cagrad_direction(jacobian), np.linalg.norm(jacobian.mean(0)))
+    scale = max(np.linalg.norm(jacobian.mean(0)), 1e-3 * np.max(np.linalg.norm(jacobian, axis=1)))
+    return _relative(direction - _cagrad_direction(jacobian), scale)
 
 
 def _power_fair_error(alpha):
@@ -362,6 +365,24 @@ def _errors(method):
             runners[num] = _Runner(_new(factory(), num))
         errors[name] = error(runners[num], jacobian, losses)
     return errors
+
+
+# The accuracy each docstring states (float32 balancer against the float64 reference, over this battery).
+STATED = {
+    "mgda-none": 5e-5, "mgda-l2": 5e-5, "mgda-loss": 5e-5, "mgda-loss+": 5e-5,      # solvers.min_norm_weights
+    "cagrad": 1e-4, "nash_mtl": 1e-3, "fairgrad": 1e-3, "fairgrad-2": 3e-3, "upgrad": 2e-5,
+    "imtl_g": 0.3, "aligned_mtl": 5e-2, "config": 2e-2, "gradvac": 1e-5, "pcgrad": 1e-5, "dbmtl": 3e-5,
+}
+RANK_DEFICIENT_STATED = {"cagrad": 0.1}        # CAGrad with P < T at T = 40: the documented exception
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_stated_accuracy_over_the_battery(method):
+    errors = _errors(method)
+    assert errors and all(np.isfinite(list(errors.values()))), errors
+    for name, error in errors.items():
+        bound = RANK_DEFICIENT_STATED.get(method, STATED[method]) if name.startswith("rank") else STATED[method]
+        assert error <= bound, (method, name, error, bound)
 
 
 if __name__ == "__main__":
