@@ -9,7 +9,8 @@ Defaults: c = 0.5, rescale = 1 (the official code and LibMTL); rescale = 0 keeps
 (1 + c). c = 0 gives the mean gradient. Every quantity is a product with the Gramian: needs = "gramian", and the
 result is task weights w_t = (1/T + lambda w*_t) / rescale. The dual is solved in the compiled step by
 `solvers.cagrad_weights` (projected gradient, fixed iterations) instead of scipy's SLSQP. Heads receive their own
-task's gradient. Measured accuracy (float32 against float64, `tests/balancers/test_scale_battery.py`: T = 2..40, gradient norms 1e-6..1e6 spanning 1e4 within a problem, losses 1e-4..1e4, collinear/anti-collinear pairs, P < T): ||d - d*|| <= 1e-4 ||g_0|| (measured 2e-5) against a tight
+task's gradient. Measured accuracy (float32 against float64 over the scale battery,
+`tests/balancers/test_scale_battery.py`): ||d - d*|| <= 1e-4 ||g_0|| (measured 2e-5) against a tight
 SLSQP solve of the dual, except rank-deficient problems (P = 6 < T = 40, norms spanning 1e4): 5e-2.
 """
 

@@ -10,7 +10,8 @@ U^+ 1 = U^T (U U^T)^+ 1 and U U^T is the cosine matrix of the Gramian, so ConFIG
 g_v = sum_t a_t g_t with a = diag(1/||g||) (U U^T)^+ 1. The pseudo-inverse uses `eigh` (eigenvalues below
 T * float32-eps of the largest are dropped, as torch.linalg.pinv). Heads receive their own task's gradient.
 No eps in the norms (scale-free). Where U^+ 1 = 0 (an exactly anti-collinear pair) no direction exists and d = 0.
-Measured accuracy (float32 against float64, `tests/balancers/test_scale_battery.py`: T = 2..40, gradient norms 1e-6..1e6 spanning 1e4 within a problem, losses 1e-4..1e4, collinear/anti-collinear pairs, P < T): ||d - d*|| / ||d*|| <= 2e-2 against a float64 SVD pseudo-inverse (measured
+Measured accuracy (float32 against float64 over the scale battery, `tests/balancers/test_scale_battery.py`): ||d -
+d*|| / ||d*|| <= 2e-2 against a float64 SVD pseudo-inverse (measured
 8.4e-3 at T = 40, where the cosine matrix's smallest eigenvalue is ~1e-3: float32's limit; <= 1e-5 at T <= 5).
 """
 

@@ -13,7 +13,8 @@ are rejected.
 
 The min-norm problem is solved on the T x T Gramian by `solvers.min_norm_weights` (FISTA + exact polish on the
 support, fixed iterations, inside the compiled step). needs = "gramian": the Jacobian is never concatenated.
-No eps is added to the normaliser (an exactly zero one is replaced by 1). Measured accuracy (float32 against float64, `tests/balancers/test_scale_battery.py`: T = 2..40, gradient norms 1e-6..1e6 spanning 1e4 within a problem, losses 1e-4..1e4, collinear/anti-collinear pairs, P < T):
+No eps is added to the normaliser (an exactly zero one is replaced by 1). Measured accuracy (float32 against float64
+over the scale battery, `tests/balancers/test_scale_battery.py`):
 ||d - d*|| <= 5e-5 max_t ||g_t / n_t|| in every normalisation (d*: NNLS in float64); measured <= 7e-8 except one
 "l2" problem at 2.3e-5.
 """

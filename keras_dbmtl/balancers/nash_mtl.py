@@ -11,9 +11,11 @@ equation reads C beta = 1 / beta with C the cosine matrix: alpha = beta / ||g_t|
 It starts from the better of beta = 1 (exact for orthogonal gradients; the first step) and the previous step's
 alpha (a state variable, like the official code), each rescaled to beta^T C beta = T. The clipping norm ||d|| is
 computed from the gradients, not from alpha^T G alpha (which cancels in float32 for anti-collinear gradients).
-Measured accuracy (float32 against float64, `tests/balancers/test_scale_battery.py`: T = 2..40, gradient norms 1e-6..1e6 spanning 1e4 within a problem, losses 1e-4..1e4, collinear/anti-collinear pairs, P < T), full-rank problems: max_t |alpha_t / alpha*_t - 1| <= 1e-3 against Newton in
+Measured accuracy (float32 against float64 over the scale battery, `tests/balancers/test_scale_battery.py`),
+full-rank problems: max_t |alpha_t / alpha*_t - 1| <= 1e-3 against Newton in
 float64 (measured 3.4e-4, on T = 40 with 20 tasks at cosines ~0.95; <= 1e-5 on well-conditioned ones). Where
-no positive solution exists (anti-collinear gradients) alpha grows large and the clipping bounds the step. Defaults as the paper's code: max_norm = 1.0 (0 turns
+no positive solution exists (anti-collinear gradients) alpha grows large and the clipping bounds the step. Defaults
+as the paper's code: max_norm = 1.0 (0 turns
 clipping off), update_weights_every = 1. The heads' gradients are scaled by alpha (the weighted loss
 sum_t alpha_t l_t of the official code; the DB-MTL paper lists Nash-MTL among such methods), not clipped.
 """

@@ -9,7 +9,8 @@ Every g_i^PC is a linear combination of the original gradients, g_i^PC = sum_j C
 product the algorithm needs is an entry of C G (G = J J^T). So the surgery runs on the T x T Gramian (needs =
 "gramian") and the direction is d = (1^T C) J, formed block by block by the model: the logged task weights are
 exactly the coefficients of the direction. The random order (one permutation per task, every step) comes from the
-balancer's `SeedGenerator`. Heads receive their own task's gradient. Measured accuracy (float32 against float64, `tests/balancers/test_scale_battery.py`: T = 2..40, gradient norms 1e-6..1e6 spanning 1e4 within a problem, losses 1e-4..1e4, collinear/anti-collinear pairs, P < T):
+balancer's `SeedGenerator`. Heads receive their own task's gradient. Measured accuracy (float32 against float64 over
+the scale battery, `tests/balancers/test_scale_battery.py`):
 ||d - d*|| <= 1e-5 max_t ||g_t|| (measured 2.5e-6) against Algorithm 1 on the vectors in float64.
 """
 

@@ -281,7 +281,8 @@ def power_fair_weights(gramian, alpha=1.0, start=None, iterations=NEWTON_ITERATI
     psi'(w) = w^(-1/alpha) (psi = log for alpha = 1), so f is strictly convex on w > 0, its minimiser is the
     solution and the Newton direction also decreases the residual ||grad f||. Each step takes, among the step
     sizes 1, 1/2, ..., 2^-15 (cut to stay in w > 0), all evaluated at once, the one with the smallest residual:
-    a line search with a fixed cost (the residual, unlike f, stays resolvable in float32 near the solution). `start` defaults to the exact solution for orthogonal
+    a line search with a fixed cost (the residual, unlike f, stays resolvable in float32 near the solution). `start`
+    defaults to the exact solution for orthogonal
     gradients, G_ii^(-alpha/(1+alpha)).
     """
     num = gramian.shape[-1]

@@ -76,7 +76,7 @@ class _Runner:
         elif backend == "tensorflow":
             import tensorflow as tf
 
-            stateless = tf.function(stateless, jit_compile=True)
+            stateless = tf.function(stateless, jit_compile=True, autograph=False)
         self.stateless = stateless
 
     def __call__(self, jacobian, losses):
@@ -388,7 +388,11 @@ def test_stated_accuracy_over_the_battery(method):
 if __name__ == "__main__":
     import sys
 
+    import time
+
     for method in sys.argv[1:] or METHODS:
+        begin = time.time()
         errors = _errors(method)
+        print(f"{method} {time.time() - begin:.1f} s", flush=True)
         worst = sorted(errors.items(), key=lambda item: -item[1])[:3]
         print(f"{method:12s} worst " + "; ".join(f"{e:.1e} ({n})" for n, e in worst), flush=True)
