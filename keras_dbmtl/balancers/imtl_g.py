@@ -11,8 +11,8 @@ give a least-squares answer instead of a failure. Heads receive their own task's
 
 Measured accuracy (float32, `tests/balancers/test_scale_battery.py`: full-rank Jacobians, T = 2..40, norms
 1e-6..1e6 spanning 1e4 within a problem): ||d - d*|| / ||d*|| <= 0.3 against the paper's conditions solved in
-float64: measured <= 5e-3 on all problems
-but one, 0.13 on T = 40 with 20 nearly collinear tasks (cosines ~0.95) and norms 1e-6..1e-2. This is float32's
+float64: measured <= 3e-4 on all problems but one, 0.13 on T = 40 with 20 nearly collinear tasks (cosines
+~0.95) and norms spanning 1e4. This is float32's
 limit on an ill-conditioned cosine matrix (C^+ amplifies its rounding); the previous form (the paper's system
 solved as written) was off by 100x on the same problems, and its eps = 1e-8 in the norms was a 1 % error for a
 gradient of norm 1e-6, which is gone.

@@ -12,20 +12,22 @@ Jacobi-scaled, so their ridge is relative to each task's own scale (a fixed ridg
 
 - `min_norm_weights` (MGDA): accelerated projected gradient (FISTA with adaptive restart), 100 iterations, then
   2T + 4 steps of an exact primal active-set method (closed-form minimiser on each support).
-  Direction error ||d - d*|| <= 5e-5 max_t ||g_t|| (measured over the battery: <= 7e-8 for most problems,
-  2.3e-5 for one "l2"-normalised T = 5 problem with cosines near -0.97).
+  Direction error ||d - d*|| <= 1e-4 max_t ||g_t|| (measured over the battery: <= 5e-8 for most problems,
+  6e-5 for a rank-deficient "l2"-normalised T = 40 problem (P = 6)).
 - `box_qp_weights` (UPGrad): the same scheme for min v^T G v s.t. v >= u, the T problems batched.
   Objective gap <= 1e-8 (trace-normalised G), weights within 2e-4 of a float64 SLSQP solve (measured 3e-5, on
   Gramians with condition number 1e4), worst conflict (J d)_t >= -1e-5 max_t ||g_t||^2.
 - `cagrad_weights` (CAGrad): projected gradient with a locally adapted step, 200 iterations, then the active-set
   steps (closed form on each support; on a face without minimiser, a line search along its unbounded ray).
   Objective within 1e-7 max|G| of the best of several SLSQP solves on `test_solvers.py`'s problems; over the
-  battery CAGrad's direction is within 1e-4 ||g_0|| (measured 2e-5) except for rank-deficient T = 40 problems
-  (P = 6) with norms spanning 1e4: 5e-2 (stated bound 0.1).
+  battery CAGrad's direction is within 1e-4 ||g_0|| (measured 5.8e-6).
 - `power_fair_weights` (Nash-MTL: alpha = 1, FairGrad: alpha in [0.5, 8] tested): Newton's method with a
   16-point line search, 30 iterations. Residual ||G w - w^(-1/alpha)|| / ||w^(-1/alpha)|| <= 2e-5 (measured
   9e-6) on full-rank Gramians (a rank-deficient G may have no positive solution). Nash-MTL and FairGrad call it
   on the cosine matrix (see their files), so the norms' spread does not reach float32.
+- Every linear solve is `_gauss_jordan` in `keras.ops` (no `ops.solve`: torch's checks its result on the host,
+  126-270 device syncs per step for these methods, issue 18; now 0, counted with torch's profiler as
+  `benchmarks/step_time.py` does).
 - `psd_power`: pseudo-inverse / inverse square root of the Gramian by `eigh` (ConFIG, Aligned-MTL).
 - `adam_update`: Adam on a small state vector (FAMO's logits), for balancers that own an optimiser.
 """
@@ -45,25 +47,48 @@ def one_hot(indices, num, dtype):
     return ops.cast(ops.expand_dims(indices, -1) == ops.arange(num, dtype=indices.dtype), dtype)
 
 
-def _solve(system, rhs, ridge=1e-6, refinements=2):
+def _solve(system, rhs, ridge=1e-6, refinements=3):
     """system^-1 rhs for the active-set steps, by LU on the Jacobi-scaled system S = D^-1/2 system D^-1/2
     (unit diagonal, D = diag(system)) plus ridge I, with two steps of iterative refinement against the
     unregularised S. The ridge is thus relative to each row's own scale: gradient norms spanning 1e4 (diagonal
     entries 1e8 apart) leave S as well conditioned as the tasks' cosines, and the error shrinks like
     (ridge / lambda_min(S))^3, exact to float32 for every non-singular S. (A fixed ridge on the system itself
     swamped the small rows: 17 degrees off the min-norm point at a 1e4 spread.) Exactly singular systems (supports
-    of P < T gradients, collinear pairs) stay finite, where `ops.solve` raises on TensorFlow and torch. The
-    active-set steps only accept answers that improve the objective."""
+    of P < T gradients, collinear pairs) stay finite, where `ops.solve` raises on TensorFlow and torch; the
+    elimination is `_gauss_jordan` (no host round trip). The active-set steps only accept answers that improve
+    the objective."""
     diagonal = ops.diagonal(system, axis1=-2, axis2=-1)
     floor = 1e-30 + 1e-12 * ops.max(diagonal, axis=-1, keepdims=True)
     scale = 1.0 / ops.sqrt(ops.maximum(diagonal, floor))                          # D^-1/2
     scaled = system * scale[..., :, None] * scale[..., None, :]
     scaled_rhs = rhs * scale[..., :, None]
     regularized = scaled + ridge * ops.eye(system.shape[-1], dtype=system.dtype)
-    solution = ops.solve(regularized, scaled_rhs)
+    solution = _gauss_jordan(regularized, scaled_rhs)
     for _ in range(refinements):
-        solution = solution + ops.solve(regularized, scaled_rhs - ops.matmul(scaled, solution))
+        solution = solution + _gauss_jordan(regularized, scaled_rhs - ops.matmul(scaled, solution))
     return solution * scale[..., :, None]
+
+
+def _gauss_jordan(system, rhs):
+    """system^-1 rhs for symmetric positive definite systems (..., n, n), rhs (..., n, k), by Gauss-Jordan
+    elimination without pivoting (stable for SPD matrices, as Cholesky is), in `keras.ops` with a fixed loop: no
+    host round trip, where `ops.solve` checks its result on the host on torch (a device sync per call, issue 18)
+    and raises on singular input. Pivots are rows picked by one-hot masks, so XLA sees no dynamic slices."""
+    num = system.shape[-1]
+
+    def body(i, carry):
+        matrix, right = carry
+        pick = one_hot(ops.convert_to_tensor(i, "int32"), num, system.dtype)       # e_i, (n,)
+        row = ops.sum(matrix * pick[:, None], axis=-2)                            # row i, (..., n)
+        right_row = ops.sum(right * pick[:, None], axis=-2)                       # (..., k)
+        pivot = ops.sum(row * pick, axis=-1)                                      # (...)
+        factor = ops.sum(matrix * pick[None, :], axis=-1) * (1.0 - pick) / pivot[..., None]   # column i, row i 0
+        matrix = matrix - factor[..., :, None] * row[..., None, :]
+        right = right - factor[..., :, None] * right_row[..., None, :]
+        return matrix, right
+
+    matrix, right = ops.fori_loop(0, num, body, (system, rhs))
+    return right / ops.diagonal(matrix, axis1=-2, axis2=-1)[..., :, None]
 
 
 def _spectral_bound(gramian):
