@@ -8,7 +8,10 @@ Multi-Task Learning", CVPR 2023).
 
 lambda_min is the smallest non-zero eigenvalue ("min" scale mode of the official code); eigenvalues below
 T * float32-eps of the largest are treated as zero (the official rank tolerance). Gramian only. Heads receive
-their own task's gradient.
+their own task's gradient. Measured accuracy (float32 against float64 over the scale battery,
+`tests/balancers/test_scale_battery.py`): ||d - d*|| / ||d*|| <= 5e-2 against float64 `eigh`
+(measured 1.9e-2, T = 40 with norms spanning 1e4; <= 2e-3 on the other problems). A float32 limit: the scale
+sqrt(lambda_min) comes from the smallest kept eigenvalue, which float32 resolves only to ~1e-7 lambda_max.
 """
 
 from keras import ops

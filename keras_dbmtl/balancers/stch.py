@@ -5,9 +5,11 @@ Optimization", ICML 2024), as its authors run it for multi-task learning (their 
     L_mu    = mu log sum_t exp(f_t / mu)             (smooth Tchebycheff, Section 3; lambda_t = 1)
     L       = T L_mu                                 (the authors' scaling)
 
-Warm-up: for the first `warmup_epochs` epochs the loss is sum_t log l_t (EW on log-losses); during the last
-warm-up epoch the losses are averaged, and that average is z. Afterwards the smooth Tchebycheff loss is used.
-Defaults mu = 1, warmup_epochs = 4 (the authors' MTL code). Logged weight: dL/dl_t.
+Warm-up, as the authors' code counts it (0-based epochs e: `e < W` log-EW; `e == W` log-EW while averaging the
+losses; else STCH): epochs 0 .. W - 1 use sum_t log l_t (EW on log-losses), epoch W (the (W + 1)-th) too, and
+its mean losses are z; from epoch W + 1 on the smooth Tchebycheff loss is used. So `warmup_epochs=W` trains
+W + 1 epochs on log-EW, as the authors' code does for the same W. Defaults mu = 1, warmup_epochs = 4 (the
+authors' MTL code). Logged weight: dL/dl_t.
 
 Epochs are counted by `on_epoch_end` (outside the compiled step; see DWA for why this works on every backend).
 STCH already works on log-losses, so `loss_transform="log"` is rejected.
@@ -26,13 +28,14 @@ class STCH(LossBalancer):
 
     Args:
         mu: smoothing parameter (default 1.0).
-        warmup_epochs: epochs of sum_t log l_t before STCH; the last one estimates z (default 4).
+        warmup_epochs: W: epochs 0..W of sum_t log l_t, the last of them (epoch W) estimates z; STCH from
+            epoch W + 1, as the authors' code (default 4).
     """
 
     def __init__(self, mu=1.0, warmup_epochs=4, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)
         reject_log_transform(self, "already scalarises log-losses")
-        check_hyperparameters(self, mu=(mu, "(0, inf)"), warmup_epochs=(warmup_epochs, "int [1, inf)"))
+        check_hyperparameters(self, mu=(mu, "(0, inf)"), warmup_epochs=(warmup_epochs, "int [0, inf)"))
         self.mu = float(mu)
         self.warmup_epochs = int(warmup_epochs)
 
@@ -46,15 +49,15 @@ class STCH(LossBalancer):
     def combine_losses(self, losses):
         losses = losses.transformed                        # the raw losses: STCH rejects the log transform
         log_losses = ops.log(losses + self.eps)
-        # The last warm-up epoch accumulates the losses whose mean becomes z.
-        collecting = ops.cast(ops.equal(self.epochs_seen, self.warmup_epochs - 1.0), "float32")
+        # Epoch W (0-based) accumulates the losses whose mean becomes z (the authors' `epoch == warmup_epoch`).
+        collecting = ops.cast(ops.equal(self.epochs_seen, float(self.warmup_epochs)), "float32")
         self.loss_sums.assign(self.loss_sums + collecting * ops.stop_gradient(losses))
         self.loss_count.assign(self.loss_count + collecting)
 
         warm = ops.sum(log_losses)                                                # sum_t log l_t
         f = log_losses - ops.log(self.reference)                                  # f_t = log(l_t / z_t)
         stch = self.num_tasks * self.mu * ops.logsumexp(f / self.mu)              # smooth Tchebycheff, times T
-        in_warmup = self.epochs_seen < self.warmup_epochs
+        in_warmup = self.epochs_seen <= self.warmup_epochs
         loss = ops.where(in_warmup, warm, stch)
         softmax = self.num_tasks * ops.softmax(ops.stop_gradient(f) / self.mu)
         weights = ops.where(in_warmup, 1.0, softmax) / ops.stop_gradient(losses + self.eps)   # dL/dl_t
@@ -63,7 +66,7 @@ class STCH(LossBalancer):
     def on_epoch_end(self, epoch):
         if not self.built:
             return
-        if float(ops.convert_to_numpy(self.epochs_seen)) == self.warmup_epochs - 1.0:
+        if float(ops.convert_to_numpy(self.epochs_seen)) == float(self.warmup_epochs):
             count = ops.maximum(self.loss_count.value, 1.0)
             self.reference.assign(self.loss_sums.value / count)
         self.epochs_seen.assign(self.epochs_seen + 1.0)

@@ -8,7 +8,9 @@ Optimization", 2024).
 so J d >= 0: d conflicts with no task. As TorchJD/LibMTL, G is normalised by its trace (zero when the trace is
 below `norm_eps`) and regularised by `reg_eps` I; defaults 1e-4 and 1e-4. The T quadratic programs (quadprog in
 the reference) are solved together in the compiled step by `solvers.box_qp_weights`. Heads receive their own
-task's gradient.
+task's gradient. Measured accuracy (float32 against float64 over the scale battery,
+`tests/balancers/test_scale_battery.py`): ||d - d*|| <= 2e-5 max_t ||g_t|| (measured 9.5e-6) against
+BVLS in float64.
 """
 
 from keras import ops

@@ -70,3 +70,13 @@ def test_log_transform_uses_equivalent_normalisation():
     assert MGDA(loss_transform="log").resolved_normalization == "l2"
     with pytest.raises(ValueError, match="twice"):
         MGDA(normalization="loss+", loss_transform="log")
+
+
+def test_no_eps_in_the_normaliser_for_tiny_gradients():
+    # Issue 16: eps = 1e-8 added to ||g_t|| ~ 1e-5 was a 0.2 % error. T = 2, "l2": the min-norm point of two unit
+    # vectors has the closed form w_1 = clip(v_2 . (v_2 - v_1) / ||v_1 - v_2||^2, 0, 1).
+    jacobian = np.array([[1e-5, 0.0, 0.0], [-2e-6, 3e-6, 0.0]])
+    units = jacobian / np.linalg.norm(jacobian, axis=1, keepdims=True)
+    w1 = np.clip(units[1] @ (units[1] - units[0]) / np.sum((units[0] - units[1]) ** 2), 0.0, 1.0)
+    _, weights, _ = aggregate(built(MGDA(normalization="l2"), 2), jacobian, LOSSES)
+    np.testing.assert_allclose(weights, [w1, 1.0 - w1], rtol=1e-5)

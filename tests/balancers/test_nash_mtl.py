@@ -6,8 +6,7 @@ from keras_dbmtl.balancers import NashMTL
 
 
 def _nash_numpy(jacobian):
-    gram = jacobian @ jacobian.T
-    gram = gram / np.linalg.norm(gram)
+    gram = jacobian @ jacobian.T                                              # the real Gramian (Section 3.1)
     alpha = fsolve(lambda a: gram @ a - 1 / a, np.ones(len(gram)), xtol=1e-14)
     assert np.allclose(gram @ alpha, 1 / alpha, rtol=1e-8)
     return alpha
@@ -39,5 +38,35 @@ def test_warm_start_state_and_update_period():
 
 def test_single_task():
     direction, weights, _ = aggregate(built(NashMTL(max_norm=0.0), 1), JACOBIAN[:1], LOSSES[:1])
-    # G = [[||g||^2]] normalised to [[1]]: alpha = 1, d = g.
-    np.testing.assert_allclose(direction, JACOBIAN[0], rtol=1e-5)
+    # ||g||^2 alpha = 1 / alpha: alpha = 1 / ||g||, d = g / ||g||.
+    np.testing.assert_allclose(direction, JACOBIAN[0] / np.linalg.norm(JACOBIAN[0]), rtol=1e-5)
+
+
+def test_weights_solve_the_real_gramian_and_are_scale_equivariant():
+    # Issue 16: alpha was sqrt(||G||_F) times the paper's (7x on this example) and d too short (0.51 for 0.05 J).
+    for scale in (0.05, 1.0, 1e4):
+        jacobian = scale * JACOBIAN
+        _, weights, heads = aggregate(built(NashMTL(max_norm=0.0), 2), jacobian, LOSSES)
+        gram = jacobian @ jacobian.T
+        np.testing.assert_allclose(gram @ weights, 1.0 / weights, rtol=1e-4)   # G alpha = 1 / alpha
+        np.testing.assert_allclose(weights * scale, _nash_numpy(JACOBIAN), rtol=1e-4)
+        np.testing.assert_allclose(heads, weights, rtol=1e-6)
+    direction, _, _ = aggregate(built(NashMTL(), 2), 0.05 * JACOBIAN, LOSSES)
+    # alpha^T G alpha = T = 2 for the exact solution: ||d|| = sqrt(2) > 1, clipped to exactly 1.
+    np.testing.assert_allclose(np.linalg.norm(direction), 1.0, rtol=1e-5)
+
+
+def test_first_step_reaches_a_task_a_million_times_smaller():
+    rng = np.random.default_rng(1)
+    jacobian = rng.normal(size=(3, 6)) * np.array([[1.0], [1e-6], [1e-3]])
+    _, weights, _ = aggregate(built(NashMTL(max_norm=0.0), 3, 6), jacobian, np.ones(3))
+    alpha = _nash_numpy(jacobian / np.linalg.norm(jacobian, axis=1, keepdims=True)) / np.linalg.norm(jacobian, axis=1)
+    np.testing.assert_allclose(weights, alpha, rtol=1e-4)                     # was 13x short on the small task
+
+
+def test_clipping_norm_of_anti_collinear_gradients():
+    g = np.array([0.6, -0.8, 0.0, 0.0])
+    jacobian = np.stack([g, -3.0 * g])                                       # no positive solution: alpha grows
+    direction, weights, _ = aggregate(built(NashMTL(max_norm=1.0), 2, 4), jacobian, np.ones(2))
+    norm = np.linalg.norm(weights @ jacobian)                                # float64, from the vectors
+    assert np.all(np.isfinite(weights)) and norm <= 1.0 + 1e-5, norm
