@@ -29,6 +29,7 @@ from keras.src.utils import tracking
 from keras_dbmtl import callbacks as mtl_callbacks
 from keras_dbmtl import export as mtl_export
 from keras_dbmtl import gradients as gradient_backends
+from keras_dbmtl import task_gradients as task_gradient_modes
 from keras_dbmtl._utils import is_dict as _is_dict
 from keras_dbmtl._utils import unique
 from keras_dbmtl.balancers import base as balancer_base
@@ -45,7 +46,9 @@ _Variables = collections.namedtuple("_Variables", ["shared", "task_groups", "ext
 #: A named tuple, so that it leaves `jax.vjp` as auxiliary output.
 _Forward = collections.namedtuple("_Forward", ["y_pred", "losses", "regularization"])
 #: The balance stage's output: one gradient per step variable, the task weights to log, the step's TaskJacobian.
-_Update = collections.namedtuple("_Update", ["gradients", "task_weights", "jacobian"])
+#: With `task_gradients_every > 1`, also the head weights applied and whether the step refreshed the Jacobian.
+_Update = collections.namedtuple("_Update", ["gradients", "task_weights", "jacobian", "head_weights", "refresh"],
+                                 defaults=(None, None))
 
 
 class _Gradients:
@@ -57,13 +60,18 @@ class _Gradients:
     entries without a regularisation loss).
     """
 
-    def __init__(self, forward, combined=None, weights=None, blocks=None, own=None, extra=(), regularization=()):
+    def __init__(self, forward, combined=None, weights=None, blocks=None, own=None, extra=(), regularization=(),
+                 refresh=None, combined_shared=None):
         self.forward, self.combined, self.weights = forward, combined, weights
         self.blocks, self.own, self.extra, self.regularization = blocks, own, list(extra), list(regularization)
+        # task_gradients_every > 1: whether this step computed `blocks`, else the shared gradient of the weighted
+        # sum of the losses (`combined_shared`); keras_dbmtl.task_gradients.
+        self.refresh, self.combined_shared = refresh, combined_shared
 
     def tensors(self):
         """Every gradient tensor of the step."""
-        groups = [self.combined or [], self.blocks or [], *(self.own or []), self.extra, self.regularization]
+        groups = [self.combined or [], self.blocks or [], *(self.own or []), self.extra, self.regularization,
+                  self.combined_shared or []]
         return [g for group in groups for g in group if g is not None]
 
     def map(self, fn):
@@ -73,7 +81,7 @@ class _Gradients:
 
         own = None if self.own is None else [each(group) for group in self.own]
         return _Gradients(self.forward, each(self.combined), self.weights, each(self.blocks), own,
-                          each(self.extra), each(self.regularization))
+                          each(self.extra), each(self.regularization), self.refresh, each(self.combined_shared))
 
 
 # ---------------------------------------------------------------------- wrappers around the stages
@@ -289,6 +297,8 @@ class MultiTaskModel(keras.Model):
         loss_weights=None,
         balancer="ew",
         vectorize_jacobian=None,
+        task_gradients="parameters",
+        task_gradients_every=1,
         **kwargs,
     ):
         """Configures training.
@@ -304,6 +314,12 @@ class MultiTaskModel(keras.Model):
             balancer: a registered name (`keras_dbmtl.balancers.names()`) or a `Balancer` instance.
             vectorize_jacobian: None (the backend's measured default), True or False: how the T x P task
                 Jacobian is computed (one vectorised backward or a loop of T backward passes).
+            task_gradients: "parameters" (the per-task gradients of the shared variables, the methods' own
+                definition) or "representation" (per-task gradients of the encoder's output, then one backward
+                through the encoder; MGDA-UB). See `keras_dbmtl.task_gradients` for the methods that allow it.
+            task_gradients_every: k >= 1. With k > 1 the per-task gradients and the balancer's update are computed
+                every k-th step only; the steps in between apply the last task weights in one backward pass
+                (`keras_dbmtl.task_gradients`). k = 1 is the exact method.
             **kwargs: `jit_compile`, `run_eagerly`, `steps_per_execution`, ... as in `keras.Model.compile`.
         """
         if loss is None:
@@ -314,6 +330,7 @@ class MultiTaskModel(keras.Model):
         if kwargs.get("weighted_metrics"):
             raise ValueError("weighted_metrics is not supported by MultiTaskModel; pass sample weights per task.")
         balancer_obj = registry.get(balancer)
+        task_gradient_modes.check(balancer_obj, task_gradients, task_gradients_every, self)
         if _is_dict(loss):
             self._check_task_keys(loss, "loss")
             loss_specs = {task: loss[task] for task in self.task_names}
@@ -340,8 +357,10 @@ class MultiTaskModel(keras.Model):
         if metrics is not None and _is_dict(metrics):
             self._check_task_keys(metrics, "metrics", require_all=False)
         self._vectorize = vectorize_jacobian
+        self._task_gradients = task_gradients
         super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
         self._attach_balancer(balancer_obj)
+        self._attach_schedule(task_gradients_every if balancer_obj.uses_task_gradients else 1)
         with tracking.DotNotTrackScope():
             # Reported through the `metrics` property, not tracked as layers of the model.
             self._task_trackers = {
@@ -356,6 +375,8 @@ class MultiTaskModel(keras.Model):
                 loss_weights=loss_weights,
                 balancer=balancer_obj,
                 vectorize_jacobian=vectorize_jacobian,
+                task_gradients=task_gradients,
+                task_gradients_every=task_gradients_every,
                 **{k: v for k, v in kwargs.items() if k in ("jit_compile", "run_eagerly", "steps_per_execution")},
             )
         if self.built:
@@ -375,6 +396,20 @@ class MultiTaskModel(keras.Model):
         if self.balancer is not None and self.balancer is not balancer:
             self._tracker.untrack(self.balancer)
         self.balancer = balancer
+        if locked:
+            self._tracker.lock()
+
+    def _attach_schedule(self, every):
+        """The state of `task_gradients_every=k > 1` (tracked, so saved and threaded through the JAX step)."""
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        previous = self.__dict__.get("_schedule")
+        if previous is not None:
+            self._tracker.untrack(previous)
+        schedule = None
+        if every > 1:
+            schedule = task_gradient_modes.AmortisedSchedule(every, len(self.task_names), name="task_gradients")
+        self._schedule = schedule
         if locked:
             self._tracker.lock()
 
@@ -508,7 +543,7 @@ class MultiTaskModel(keras.Model):
         finite, invalid = self._usable(grads)
 
         def apply(mask):
-            update = self._balance_stage(grads, mask)
+            update = self._scheduled_balance_stage(grads, mask)
             self._apply_stage(update, batch, grads.forward, variables, scaling.inner_optimizer)
             self._metrics_stage(batch, grads.forward, update, mask)
 
@@ -552,15 +587,20 @@ class MultiTaskModel(keras.Model):
         return grads.map(scaling.unscale)
 
     def _per_task_gradients(self, batch, variables, scaling):
+        """The T x P Jacobian of the shared variables, or with `task_gradients_every=k > 1` (between refresh steps)
+        the shared gradient of sum_t w_t transformed_loss_t with the last refresh's weights instead."""
         def differentiated():
             forward = self._forward_stage(batch)
             return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
 
+        schedule = getattr(self, "_schedule", None)
+        amortise = None if schedule is None else (schedule.refresh(), ops.convert_to_tensor(schedule.weights_applied))
         result = gradient_backends.task_gradients(
-            differentiated, variables.shared, variables.task_groups, variables.extra, self._vectorize
+            differentiated, variables.shared, variables.task_groups, variables.extra, self._vectorize, amortise
         )
         return _Gradients(result.aux, blocks=result.shared_blocks, own=result.task_gradients,
-                          extra=result.extra_gradients, regularization=result.regularization_gradients)
+                          extra=result.extra_gradients, regularization=result.regularization_gradients,
+                          refresh=None if amortise is None else amortise[0], combined_shared=result.combined_shared)
 
     def _combined_gradients(self, batch, variables, scaling):
         def differentiated():
@@ -598,7 +638,28 @@ class MultiTaskModel(keras.Model):
         if self.gradient_statistics is not None:
             self.gradient_statistics.update_state(jacobian.gramian())
         aggregation = self.balancer.aggregate(losses, jacobian)
-        return _Update(self._assemble(aggregation, jacobian, grads), aggregation.task_weights, jacobian)
+        return _Update(self._assemble(aggregation, jacobian, grads), aggregation.task_weights, jacobian,
+                       aggregation.head_weights)
+
+    def _scheduled_balance_stage(self, grads, mask=None):
+        """The balance stage; with `task_gradients_every=k > 1`, the balancer's update on refresh steps and the
+        last refresh's weights in between (keras_dbmtl.task_gradients.AmortisedSchedule)."""
+        if grads.refresh is None:
+            return self._balance_stage(grads, mask)
+        state = list(self.balancer.variables)
+        if self.gradient_statistics is not None:
+            state += list(self.gradient_statistics.variables)
+
+        def amortised_update(combined_shared, head_weights, grads):
+            """The shared gradient of sum_t w_t l_t, each head's own gradient times its stored head weight."""
+            heads = []
+            for t, group in enumerate(grads.own):
+                heads.extend(g * ops.cast(head_weights[t], g.dtype) for g in group)
+            step = list(combined_shared) + heads + grads.extra
+            return [g if r is None else g + r for g, r in zip(step, grads.regularization or [None] * len(step))]
+
+        update = self._schedule.balance(lambda: self._balance_stage(grads, mask), grads, state, amortised_update)
+        return update._replace(refresh=grads.refresh)
 
     @staticmethod
     def _assemble(aggregation, jacobian, grads):
@@ -634,11 +695,14 @@ class MultiTaskModel(keras.Model):
         update_state(self._loss_tracker, ops.sum(raw) + forward.regularization)
         weights = ops.cast(update.task_weights, "float32")
         norms = None if update.jacobian is None else update.jacobian.norms()
+        update_norm = update_state
+        if update.refresh is not None:      # task_gradients_every > 1: norms of refresh steps only
+            update_norm = _metric_updater(update.refresh if mask is None else ops.logical_and(mask, update.refresh))
         for t in range(len(self.task_names)):
             update_state(self._task_trackers["loss"][t], raw[t])
             update_state(self._task_trackers["weight"][t], weights[t])
             if norms is not None:
-                update_state(self._task_trackers["gradient_norm"][t], norms[t])
+                update_norm(self._task_trackers["gradient_norm"][t], norms[t])
         if self._compile_metrics is not None:
             self._compile_metrics.update_state(batch.y, forward.y_pred, batch.sample_weight)
 

@@ -142,11 +142,15 @@ def _one_output(result):
     return (loss,), aux
 
 
-def task_gradients(forward, shared_variables, task_variables, extra_variables=(), vectorize=None):
+def task_gradients(forward, shared_variables, task_variables, extra_variables=(), vectorize=None, amortise=None):
     """forward() -> (task_losses (T,), regularization_loss, aux), run once. Returns `TaskGradients`.
 
     Task-specific variables reach only their own task's loss, so one pull of sum_t l_t gives every head its own
     gradient (and the extra variables the gradient of the sum).
+
+    `amortise=(refresh, weights)`: the shared Jacobian only where `refresh` (a bool scalar tensor; zeros
+    elsewhere), and else one pull of sum_t weights[t] * task_losses[t] for the shared variables
+    (`TaskGradients.combined_shared`; zeros on refresh steps): a `cond`, so only one of the two runs.
     """
     module = backend_module()
     vectorize = module.DEFAULT_VECTORIZE if vectorize is None else vectorize
@@ -160,16 +164,40 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables=()
         return (losses, ops.cast(regularization, losses.dtype)), aux
 
     (losses, regularization), aux, pull = module.pullback(outputs, everything)
-    shared_blocks = _jacobian_blocks(pull, losses, regularization, len(shared), vectorize)
+    combined = None
+    if amortise is None:
+        shared_blocks = _jacobian_blocks(pull, losses, regularization, len(shared), vectorize)
+    else:
+        shared_blocks, combined = _amortised_shared(pull, losses, regularization, shared, vectorize, *amortise)
     own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), range(len(shared), len(everything)))
     if has_regularization[0]:
         reg_grads = pull((ops.zeros_like(losses), ops.ones_like(regularization)), range(len(everything)))
     else:
         reg_grads = [None] * len(everything)
-    sizes = [len(shared)] + [len(g) for g in groups] + [len(extra)]
-    reduced = _replica_mean_keeping_nones(list(shared_blocks) + list(own) + list(reg_grads))
-    parts = _split(reduced[: len(everything)], sizes)
-    return TaskGradients(aux, losses, parts[0], parts[1:-1], parts[-1], reduced[len(everything) :])
+    sizes = [len(shared)] + [len(g) for g in groups] + [len(extra)] + [len(everything)]
+    combined_list = [] if combined is None else list(combined)
+    reduced = _replica_mean_keeping_nones(list(shared_blocks) + list(own) + list(reg_grads) + combined_list)
+    parts = _split(reduced, sizes + [len(combined_list)])
+    result = TaskGradients(aux, losses, parts[0], parts[1:-3], parts[-3], parts[-2])
+    result.combined_shared = None if combined is None else parts[-1]
+    return result
+
+
+def _amortised_shared(pull, losses, regularization, shared, vectorize, refresh, weights):
+    """(Jacobian blocks, combined gradient) of the shared variables: the blocks where `refresh`, the one pull of
+    sum_t weights[t] * losses[t] elsewhere; the other entry holds zeros of its shape."""
+    num_tasks = int(losses.shape[0])
+
+    def exact():
+        blocks = _jacobian_blocks(pull, losses, regularization, len(shared), vectorize)
+        return list(blocks), [ops.zeros(v.shape, dtype=b.dtype) for v, b in zip(shared, blocks)]
+
+    def amortised():
+        cotangent = ops.cast(weights, losses.dtype)
+        grads = pull((cotangent, ops.zeros_like(regularization)), range(len(shared)))
+        return [ops.zeros((num_tasks,) + tuple(g.shape), dtype=g.dtype) for g in grads], list(grads)
+
+    return ops.cond(refresh, exact, amortised)
 
 
 def _jacobian_blocks(pull, losses, regularization, num_shared, vectorize):
