@@ -67,6 +67,9 @@ class _Gradients:
         # task_gradients_every > 1: whether this step computed `blocks`, else the shared gradient of the weighted
         # sum of the losses (`combined_shared`); keras_dbmtl.task_gradients.
         self.refresh, self.combined_shared = refresh, combined_shared
+        # task_gradients="representation": `blocks` is the Jacobian of the encoder's output z, and
+        # `to_shared(directions)` maps the balanced direction over z to the shared variables' gradients.
+        self.to_shared = None
 
     def tensors(self):
         """Every gradient tensor of the step."""
@@ -80,8 +83,10 @@ class _Gradients:
             return None if values is None else [None if g is None else fn(g) for g in values]
 
         own = None if self.own is None else [each(group) for group in self.own]
-        return _Gradients(self.forward, each(self.combined), self.weights, each(self.blocks), own,
-                          each(self.extra), each(self.regularization), self.refresh, each(self.combined_shared))
+        result = _Gradients(self.forward, each(self.combined), self.weights, each(self.blocks), own,
+                            each(self.extra), each(self.regularization), self.refresh, each(self.combined_shared))
+        result.to_shared = self.to_shared
+        return result
 
 
 # ---------------------------------------------------------------------- wrappers around the stages
@@ -580,7 +585,9 @@ class MultiTaskModel(keras.Model):
     def _task_gradients_stage(self, batch, variables, scaling):
         """The forward stage, differentiated: per-task gradients for a gradient-level balancer, one gradient of
         the combined loss for a loss-level one. Gradients of the global batch, unscaled."""
-        if self.balancer.uses_task_gradients:
+        if self.balancer.uses_task_gradients and getattr(self, "_task_gradients", None) == "representation":
+            grads = self._representation_gradients(batch, variables, scaling)
+        elif self.balancer.uses_task_gradients:
             grads = self._per_task_gradients(batch, variables, scaling)
         else:
             grads = self._combined_gradients(batch, variables, scaling)
@@ -601,6 +608,31 @@ class MultiTaskModel(keras.Model):
         return _Gradients(result.aux, blocks=result.shared_blocks, own=result.task_gradients,
                           extra=result.extra_gradients, regularization=result.regularization_gradients,
                           refresh=None if amortise is None else amortise[0], combined_shared=result.combined_shared)
+
+    def _representation_gradients(self, batch, variables, scaling):
+        """The T x (B * size of z) Jacobian of the task losses with respect to the encoder's output z; the balanced
+        direction over z reaches the shared variables through one backward pass of the encoder (`to_shared`)."""
+        def encode():
+            return self.encoder(batch.x, training=True)
+
+        def decode(features):
+            y_pred = {task: self.heads[task](features, training=True) for task in self.task_names}
+            raw = gradient_backends.global_losses(self._task_losses(batch.y, y_pred, batch.sample_weight))
+            forward = _Forward(y_pred, self.balancer.task_losses(raw), self._regularization_loss())
+            return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
+
+        result = gradient_backends.representation_gradients(
+            encode, decode, variables.shared, variables.task_groups, variables.extra, self._vectorize
+        )
+        grads = _Gradients(result.aux, blocks=result.shared_blocks, own=result.task_gradients,
+                           extra=result.extra_gradients, regularization=result.regularization_gradients)
+
+        def to_shared(directions):
+            (direction,) = directions
+            return [scaling.unscale(g) for g in result.to_shared(scaling.scale(direction))]
+
+        grads.to_shared = to_shared
+        return grads
 
     def _combined_gradients(self, batch, variables, scaling):
         def differentiated():
@@ -669,6 +701,8 @@ class MultiTaskModel(keras.Model):
             shared = jacobian.weighted_sum_blocks(aggregation.task_weights)
         else:
             shared = _split_flat(aggregation.shared_direction, [b.shape[1:] for b in jacobian.blocks])
+        if grads.to_shared is not None:
+            shared = grads.to_shared(shared)
         heads = []
         for t, group in enumerate(grads.own):
             if aggregation.head_weights is not None:

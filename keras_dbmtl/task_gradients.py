@@ -106,6 +106,12 @@ def check(balancer, mode, every, model):
                 "directions over the shared parameters, which have no meaning over the gradients of the "
                 f"representation of different batches. Available for {list(REPRESENTATION_LEVEL)}."
             )
+        if any(getattr(layer, "activity_regularizer", None) is not None
+               for layer in model.encoder._flatten_layers(include_self=True)):
+            raise ValueError(
+                "task_gradients='representation' does not support activity regularizers inside the encoder (their "
+                "loss is not a function of the representation). Remove them or use task_gradients='parameters'."
+            )
         if model.per_task_inputs or model.task_layers:
             raise ValueError(
                 "task_gradients='representation' needs one shared representation for every task: it is not "

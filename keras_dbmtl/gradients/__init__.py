@@ -200,13 +200,56 @@ def _amortised_shared(pull, losses, regularization, shared, vectorize, refresh, 
     return ops.cond(refresh, exact, amortised)
 
 
-def _jacobian_blocks(pull, losses, regularization, num_shared, vectorize):
-    """One (T, *shape) block per shared variable: row t is the gradient of loss t."""
+def _jacobian_blocks(pull, losses, regularization, num_shared, vectorize, indices=None):
+    """One (T, *shape) block per shared variable (or per pulled index): row t is the gradient of loss t."""
     num_tasks = int(losses.shape[0])
+    indices = list(range(num_shared) if indices is None else indices)
     eye = ops.eye(num_tasks, dtype=losses.dtype)
     if vectorize:
         zeros = ops.zeros((num_tasks,), dtype=regularization.dtype)
-        return pull((eye, zeros), range(num_shared), batched=True)
+        return pull((eye, zeros), indices, batched=True)
     zero = ops.zeros_like(regularization)
-    rows = [pull((eye[t], zero), range(num_shared)) for t in range(num_tasks)]
-    return [ops.stack([row[i] for row in rows]) for i in range(num_shared)]
+    rows = [pull((eye[t], zero), indices) for t in range(num_tasks)]
+    return [ops.stack([row[i] for row in rows]) for i in range(len(indices))]
+
+
+def representation_gradients(encode, decode, shared_variables, task_variables, extra_variables=(),
+                             vectorize=None):
+    """Per-task gradients of the representation (MGDA-UB; keras_dbmtl.task_gradients).
+
+    encode() -> the representation z, run once (one graph through the encoder); decode(z) -> (task_losses (T,),
+    regularization_loss, aux), run once. Returns `TaskGradients` whose `shared_blocks` is one (T, *z.shape) block,
+    the Jacobian of the task losses with respect to z (backward passes through the heads only), and whose
+    `to_shared(cotangent)` gives the shared variables' gradients of <cotangent, z> (one backward pass through the
+    encoder). Heads, extra and regularisation gradients as in `task_gradients`. One replica only.
+    """
+    module = backend_module()
+    if num_replicas() > 1:
+        raise ValueError("task_gradients='representation' runs on one replica only: use task_gradients="
+                         "'parameters' with data parallelism.")
+    vectorize = module.DEFAULT_VECTORIZE if vectorize is None else vectorize
+    shared, groups, extra = list(shared_variables), [list(g) for g in task_variables], list(extra_variables)
+    (z,), _, pull_encoder = module.pullback(lambda: ((encode(),), None), shared)
+    everything = shared + [v for group in groups for v in group] + extra
+    has_regularization = []
+
+    def outputs(representation):
+        losses, regularization, aux = decode(representation)
+        has_regularization.append(not isinstance(regularization, (int, float)))
+        return (losses, ops.cast(regularization, losses.dtype)), aux
+
+    (losses, regularization), aux, pull = module.pullback(outputs, everything, inputs=[z])
+    blocks = _jacobian_blocks(pull, losses, regularization, 0, vectorize, indices=[len(everything)])
+    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), range(len(shared), len(everything)))
+    if has_regularization[0]:
+        reg_grads = pull((ops.zeros_like(losses), ops.ones_like(regularization)), range(len(everything)))
+    else:
+        reg_grads = [None] * len(everything)
+    parts = _split(list(own), [len(g) for g in groups] + [len(extra)])
+    result = TaskGradients(aux, losses, list(blocks), parts[:-1], parts[-1], list(reg_grads))
+
+    def to_shared(cotangent):
+        return pull_encoder((ops.cast(cotangent, z.dtype),), range(len(shared)))
+
+    result.to_shared = to_shared
+    return result

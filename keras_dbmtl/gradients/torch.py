@@ -17,11 +17,13 @@ import torch.distributed as dist
 DEFAULT_VECTORIZE = False
 
 
-def pullback(forward, variables):
-    """One forward pass, one autograd graph; each pull is a `torch.autograd.grad` that keeps the graph."""
-    outputs, aux = forward()
+def pullback(forward, variables, inputs=()):
+    """One forward pass, one autograd graph; each pull is a `torch.autograd.grad` that keeps the graph. Index
+    len(variables) + j of a pull is the gradient of inputs[j] (fed to forward as new leaves)."""
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    outputs, aux = forward(*leaves)
     outputs = tuple(outputs)
-    tensors = [v.value for v in variables]
+    tensors = [v.value for v in variables] + leaves
 
     def pull(cotangents, indices, batched=False):
         chosen = [tensors[i] for i in indices]
