@@ -171,7 +171,11 @@ def _metric_updater(mask):
     """`update(tracker, value)`: a Mean's update_state, or, with `mask`, one that counts the step only where
     `mask` (the select path runs the metrics stage on skipped steps too)."""
     if mask is None:
-        return lambda tracker, value: tracker.update_state(value)
+        def add(tracker, value):        # Mean.update_state of a scalar, without its per-call conversions
+            tracker.total.assign_add(ops.cast(value, tracker.total.dtype))
+            tracker.count.assign_add(ops.cast(1, tracker.count.dtype))
+
+        return add
     applied = ops.cast(mask, "float32")
 
     def update(tracker, value):
@@ -646,14 +650,13 @@ class MultiTaskModel(keras.Model):
     def _usable(self, grads):
         """(finite, invalid): whether the step can be applied, and the (T,) tasks whose loss is unusable.
 
-        One reduction per gradient tensor: a NaN or inf entry makes its sum non-finite (a sum of finite gradients
-        that overflows float32 counts as non-finite too: such a step is not usable either)."""
+        `keras_dbmtl.gradients.all_finite`: a NaN or inf entry in any gradient (TF, JAX: one sum per tensor, so a
+        sum of finite gradients that overflows float32 counts too; torch: one fused max-abs call)."""
         invalid = self.balancer.invalid_losses(grads.forward.losses.raw)
         finite = ops.logical_not(ops.any(invalid))
         tensors = grads.tensors()
         if tensors:
-            sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
-            finite = ops.logical_and(finite, ops.all(ops.isfinite(sums)))
+            finite = ops.logical_and(finite, gradient_backends.all_finite(tensors))
         return finite, invalid
 
     def _balance_stage(self, grads, mask=None):

@@ -13,11 +13,14 @@ uses; this is the only place that asks which backend runs (`backend_module`):
         whose gradient is the replica's own share; optimizer_gradients(grads): what `optimizer.apply` gets;
     num_replicas(), replica_rank(), broadcast_from_root(tensors, root), init_process_group(backend, **kwargs);
     snapshot(variables), keep_where(flag, variables, previous), skips_by_branch(): how a skipped step keeps the
-        previous values (a select everywhere except TensorFlow on one replica, which branches with tf.cond);
+        previous values (a select on JAX, on an accelerator with torch and under tf.distribute; a branch on
+        TensorFlow with one replica (tf.cond) and on torch on the CPU, where it costs no device sync);
+    all_finite(tensors): one bool, whether every gradient entry is finite (torch: one fused call);
     run_step(step, args, state_groups): the train/test step in the form the Keras trainer of the backend calls
         it (JAX: a pure function of the state, through a `StatelessScope`; the others: `step(data)`);
-    DEFAULT_VECTORIZE: whether the T x P Jacobian is computed with the vectorised pull by default (measured
-        fastest per backend, benchmarks/jacobian.py).
+    DEFAULT_VECTORIZE: whether the T x P Jacobian is computed with the vectorised pull by default on the CPU
+        (measured fastest per backend, benchmarks/jacobian.py); on_gpu() (torch, JAX): whether the step runs on a
+        GPU, where `default_vectorize` picks the vectorised pull.
 
 Built on them, here: `loss_gradients` (one backward of a scalar) and `task_gradients` (the per-task Jacobian of the
 shared variables, each head's own gradient, the balancer's and the regularisation gradients), both already
@@ -108,11 +111,24 @@ def skips_by_branch():
     return backend_module().skips_by_branch()
 
 
+def all_finite(tensors):
+    return backend_module().all_finite(list(tensors))
+
+
 def run_step(step, args, state_groups):
     return backend_module().run_step(step, args, state_groups)
 
 
 # ---------------------------------------------------------------------- assembly, written once
+def default_vectorize(module=None):
+    """`compile(vectorize_jacobian=None)`: the vectorised Jacobian on a GPU with torch or JAX (measured faster
+    there, benchmarks/RESULTS_gpu.md: JAX QM9 DB-MTL/EW 2.99 vectorised vs 5.14 looped, torch dense-T11 1.48 vs
+    2.36), else the backend's `DEFAULT_VECTORIZE` (looped: measured faster on the CPU)."""
+    module = module or backend_module()
+    on_gpu = getattr(module, "on_gpu", None)
+    return True if on_gpu is not None and on_gpu() else module.DEFAULT_VECTORIZE
+
+
 def _replica_mean_keeping_nones(values):
     present = [v for v in values if v is not None]
     if not present or num_replicas() == 1:
@@ -153,7 +169,7 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables=()
     (`TaskGradients.combined_shared`; zeros on refresh steps): a `cond`, so only one of the two runs.
     """
     module = backend_module()
-    vectorize = module.DEFAULT_VECTORIZE if vectorize is None else vectorize
+    vectorize = default_vectorize(module) if vectorize is None else vectorize
     shared, groups, extra = list(shared_variables), [list(g) for g in task_variables], list(extra_variables)
     everything = shared + [v for group in groups for v in group] + extra
     has_regularization = []
@@ -227,7 +243,7 @@ def representation_gradients(encode, decode, shared_variables, task_variables, e
     if num_replicas() > 1:
         raise ValueError("task_gradients='representation' runs on one replica only: use task_gradients="
                          "'parameters' with data parallelism.")
-    vectorize = module.DEFAULT_VECTORIZE if vectorize is None else vectorize
+    vectorize = default_vectorize(module) if vectorize is None else vectorize
     shared, groups, extra = list(shared_variables), [list(g) for g in task_variables], list(extra_variables)
     (z,), _, pull_encoder = module.pullback(lambda: ((encode(),), None), shared)
     everything = shared + [v for group in groups for v in group] + extra

@@ -12,7 +12,11 @@ from keras.src.backend.common.stateless_scope import StatelessScope, get_statele
 
 from keras import ops
 
-DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every model measured (benchmarks/RESULTS.md)
+DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every CPU model measured (benchmarks/RESULTS.md)
+
+
+def on_gpu():
+    return jax.default_backend() == "gpu"      # vectorised there (benchmarks/RESULTS_gpu.md)
 
 
 def _functional(forward, variables):
@@ -83,6 +87,13 @@ def run_step(step, args, state_groups):
         for variables, values in zip(groups, state)
     )
     return logs, new_state
+
+
+def all_finite(tensors):
+    """Whether every entry of every tensor is finite: one sum per tensor (a NaN or inf entry, or a sum that
+    overflows float32, makes it non-finite), one reduction of the sums."""
+    sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
+    return ops.all(ops.isfinite(sums))
 
 
 def skips_by_branch():
