@@ -26,6 +26,7 @@ from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import tracking
 
+from keras_dbmtl import _trackers
 from keras_dbmtl import callbacks as mtl_callbacks
 from keras_dbmtl import export as mtl_export
 from keras_dbmtl import gradients as gradient_backends
@@ -373,8 +374,7 @@ class MultiTaskModel(keras.Model):
         with tracking.DotNotTrackScope():
             # Reported through the `metrics` property, not tracked as layers of the model.
             self._task_trackers = {
-                kind: [keras.metrics.Mean(name=f"{task}_{kind}") for task in self.task_names]
-                for kind in ("loss", "weight", "gradient_norm")
+                kind: _trackers.TaskMeans(self.task_names, kind) for kind in ("loss", "weight", "gradient_norm")
             }
             self._skip_tracker = keras.metrics.Sum(name=SKIPPED_STEPS_KEY)
             self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
@@ -450,9 +450,9 @@ class MultiTaskModel(keras.Model):
         result = super().metrics
         trackers = getattr(self, "_task_trackers", None)
         if trackers and self.balancer is not None:
-            result = result + trackers["loss"] + trackers["weight"] + [self._skip_tracker]
+            result = result + [trackers["loss"], trackers["weight"], self._skip_tracker]
             if self.balancer.uses_task_gradients:
-                result = result + trackers["gradient_norm"]
+                result = result + [trackers["gradient_norm"]]
         if self.gradient_statistics is not None:
             result = result + [self.gradient_statistics]
         return result
@@ -732,14 +732,13 @@ class MultiTaskModel(keras.Model):
         update_state(self._loss_tracker, ops.sum(raw) + forward.regularization)
         weights = ops.cast(update.task_weights, "float32")
         norms = None if update.jacobian is None else update.jacobian.norms()
-        update_norm = update_state
+        norm_mask = mask
         if update.refresh is not None:      # task_gradients_every > 1: norms of refresh steps only
-            update_norm = _metric_updater(update.refresh if mask is None else ops.logical_and(mask, update.refresh))
-        for t in range(len(self.task_names)):
-            update_state(self._task_trackers["loss"][t], raw[t])
-            update_state(self._task_trackers["weight"][t], weights[t])
-            if norms is not None:
-                update_norm(self._task_trackers["gradient_norm"][t], norms[t])
+            norm_mask = update.refresh if mask is None else ops.logical_and(mask, update.refresh)
+        self._task_trackers["loss"].update_state(raw, mask)
+        self._task_trackers["weight"].update_state(weights, mask)
+        if norms is not None:
+            self._task_trackers["gradient_norm"].update_state(norms, norm_mask)
         if self._compile_metrics is not None:
             self._compile_metrics.update_state(batch.y, forward.y_pred, batch.sample_weight)
 
@@ -783,11 +782,10 @@ class MultiTaskModel(keras.Model):
         raw_losses = self._task_losses(y, y_pred, sample_weight)
         regularization = self._regularization_loss()
         self._loss_tracker.update_state(ops.sum(raw_losses) + regularization)
-        for t in range(len(self.task_names)):
-            self._task_trackers["loss"][t].update_state(raw_losses[t])
+        self._task_trackers["loss"].update_state(raw_losses)
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
         # Task weights and gradient norms exist only in training.
-        training_only = {m.name for kind in ("weight", "gradient_norm") for m in self._task_trackers[kind]}
+        training_only = {key for kind in ("weight", "gradient_norm") for key in self._task_trackers[kind].keys}
         training_only.add(SKIPPED_STEPS_KEY)
         return {key: value for key, value in logs.items() if key not in training_only}
 
