@@ -26,6 +26,7 @@ from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import tracking
 
+from keras_dbmtl import _loss_call
 from keras_dbmtl import _trackers
 from keras_dbmtl import callbacks as mtl_callbacks
 from keras_dbmtl import export as mtl_export
@@ -503,7 +504,7 @@ class MultiTaskModel(keras.Model):
         losses = []
         for task in self.task_names:
             weight = sample_weight.get(task) if _is_dict(sample_weight) else sample_weight
-            value = self._task_losses_fns[task](y[task], y_pred[task], sample_weight=weight)
+            value = _loss_call.task_loss(self._task_losses_fns[task], y[task], y_pred[task], weight)
             losses.append(ops.cast(value, "float32"))
         losses = ops.stack(losses)
         if self._loss_weights_vector is not None:
