@@ -413,13 +413,13 @@ class MultiTaskModel(keras.Model):
         """The state of `task_gradients_every=k > 1` (tracked, so saved and threaded through the JAX step)."""
         locked = self._tracker.locked
         self._tracker.unlock()
-        previous = self.__dict__.get("_schedule")
+        previous = self.__dict__.get("task_gradient_schedule")
         if previous is not None:
             self._tracker.untrack(previous)
         schedule = None
         if every > 1:
             schedule = task_gradient_modes.AmortisedSchedule(every, len(self.task_names), name="task_gradients")
-        self._schedule = schedule
+        self.task_gradient_schedule = schedule
         if locked:
             self._tracker.lock()
 
@@ -605,7 +605,7 @@ class MultiTaskModel(keras.Model):
             forward = self._forward_stage(batch)
             return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
 
-        schedule = getattr(self, "_schedule", None)
+        schedule = getattr(self, "task_gradient_schedule", None)
         amortise = None if schedule is None else (schedule.refresh(), ops.convert_to_tensor(schedule.weights_applied))
         result = gradient_backends.task_gradients(
             differentiated, variables.shared, variables.task_groups, variables.extra, self._vectorize, amortise
@@ -694,7 +694,8 @@ class MultiTaskModel(keras.Model):
             step = list(combined_shared) + heads + grads.extra
             return [g if r is None else g + r for g, r in zip(step, grads.regularization or [None] * len(step))]
 
-        update = self._schedule.balance(lambda: self._balance_stage(grads, mask), grads, state, amortised_update)
+        schedule = self.task_gradient_schedule
+        update = schedule.balance(lambda: self._balance_stage(grads, mask), grads, state, amortised_update)
         return update._replace(refresh=grads.refresh)
 
     @staticmethod

@@ -92,7 +92,7 @@ def test_amortised_dbmtl_matches_replay(every):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model.balancer.ema_gradients), ema, rtol=2e-4, atol=1e-7)
     refreshes = len(range(0, len(batches), every))
     assert int(keras.ops.convert_to_numpy(model.balancer.iterations)) == refreshes
-    assert int(keras.ops.convert_to_numpy(model._schedule.step)) == len(batches)
+    assert int(keras.ops.convert_to_numpy(model.task_gradient_schedule.step)) == len(batches)
     per_epoch = N // BATCH
     for t, name in enumerate(model.task_names):
         np.testing.assert_allclose(history.history[f"{name}_weight"][-1], applied[-per_epoch:, t].mean(), rtol=1e-3)
@@ -143,3 +143,16 @@ def test_unavailable_choices_raise(balancer, kwargs, message):
     model = make_model()
     with pytest.raises(ValueError, match=message):
         model.compile(optimizer="sgd", loss="mse", balancer=balancer, **kwargs)
+
+
+def test_schedule_state_is_saved(tmp_path):
+    X, Y = make_data(num_tasks=2)
+    model = make_model(num_tasks=2)
+    fit(model, X, Y, "dbmtl", task_gradients_every=4)        # 6 steps: refreshes at 0 and 4
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    schedule = restored.task_gradient_schedule
+    assert schedule.every == 4 and int(keras.ops.convert_to_numpy(schedule.step)) == 6
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(schedule.weights_applied),
+                                  keras.ops.convert_to_numpy(model.task_gradient_schedule.weights_applied))
