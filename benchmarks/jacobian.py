@@ -118,7 +118,7 @@ def time_model(model_name, mode, repeats, rounds, warmup):
         "num_tasks": common.num_tasks_of(model_name),
         "num_shared_parameters": common.num_shared_parameters(model),
         "forward_backward_ms": 1e3 * fb,
-        "default_vectorize": bool(gradients.backend_module(backend).DEFAULT_VECTORIZE),
+        "default_vectorize": bool(gradients.default_vectorize(gradients.backend_module(backend))),
         "clock": common.CLOCK,
         "threads": common.threads(),
         "errors": errors,

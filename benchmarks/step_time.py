@@ -43,7 +43,7 @@ def _balancer_names(requested=None):
 def _default_vectorize(backend):
     from keras_dbmtl import gradients
 
-    return bool(gradients.backend_module(backend).DEFAULT_VECTORIZE)
+    return bool(gradients.default_vectorize(gradients.backend_module(backend)))
 
 
 def host_round_trips(model, runner, mode):

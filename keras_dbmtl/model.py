@@ -32,9 +32,12 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import tracking
 
 from keras_dbmtl import _input_checks as input_checks
+from keras_dbmtl import _loss_call
+from keras_dbmtl import _trackers
 from keras_dbmtl import callbacks as mtl_callbacks
 from keras_dbmtl import export as mtl_export
 from keras_dbmtl import gradients as gradient_backends
+from keras_dbmtl import task_gradients as task_gradient_modes
 from keras_dbmtl._utils import is_dict as _is_dict
 from keras_dbmtl._utils import unique
 from keras_dbmtl.balancers import base as balancer_base
@@ -51,7 +54,9 @@ _Variables = collections.namedtuple("_Variables", ["shared", "task_groups", "ext
 #: A named tuple, so that it leaves `jax.vjp` as auxiliary output.
 _Forward = collections.namedtuple("_Forward", ["y_pred", "losses", "regularization"])
 #: The balance stage's output: one gradient per step variable, the task weights to log, the step's TaskJacobian.
-_Update = collections.namedtuple("_Update", ["gradients", "task_weights", "jacobian"])
+#: With `task_gradients_every > 1`, also the head weights applied and whether the step refreshed the Jacobian.
+_Update = collections.namedtuple("_Update", ["gradients", "task_weights", "jacobian", "head_weights", "refresh"],
+                                 defaults=(None, None))
 
 
 class _Gradients:
@@ -63,13 +68,21 @@ class _Gradients:
     entries without a regularisation loss).
     """
 
-    def __init__(self, forward, combined=None, weights=None, blocks=None, own=None, extra=(), regularization=()):
+    def __init__(self, forward, combined=None, weights=None, blocks=None, own=None, extra=(), regularization=(),
+                 refresh=None, combined_shared=None):
         self.forward, self.combined, self.weights = forward, combined, weights
         self.blocks, self.own, self.extra, self.regularization = blocks, own, list(extra), list(regularization)
+        # task_gradients_every > 1: whether this step computed `blocks`, else the shared gradient of the weighted
+        # sum of the losses (`combined_shared`); keras_dbmtl.task_gradients.
+        self.refresh, self.combined_shared = refresh, combined_shared
+        # task_gradients="representation": `blocks` is the Jacobian of the encoder's output z, and
+        # `to_shared(directions)` maps the balanced direction over z to the shared variables' gradients.
+        self.to_shared = None
 
     def tensors(self):
         """Every gradient tensor of the step."""
-        groups = [self.combined or [], self.blocks or [], *(self.own or []), self.extra, self.regularization]
+        groups = [self.combined or [], self.blocks or [], *(self.own or []), self.extra, self.regularization,
+                  self.combined_shared or []]
         return [g for group in groups for g in group if g is not None]
 
     def map(self, fn):
@@ -78,8 +91,10 @@ class _Gradients:
             return None if values is None else [None if g is None else fn(g) for g in values]
 
         own = None if self.own is None else [each(group) for group in self.own]
-        return _Gradients(self.forward, each(self.combined), self.weights, each(self.blocks), own,
-                          each(self.extra), each(self.regularization))
+        result = _Gradients(self.forward, each(self.combined), self.weights, each(self.blocks), own,
+                            each(self.extra), each(self.regularization), self.refresh, each(self.combined_shared))
+        result.to_shared = self.to_shared
+        return result
 
 
 # ---------------------------------------------------------------------- wrappers around the stages
@@ -177,16 +192,19 @@ class _BranchSkip:
 
 def _all_finite(variables):
     """Whether every floating-point variable holds only finite values (a scalar bool)."""
-    sums = [ops.sum(ops.cast(v.value, "float32")) for v in variables
-            if "float" in keras.backend.standardize_dtype(v.dtype)]
-    return ops.all(ops.isfinite(ops.stack(sums))) if sums else ops.convert_to_tensor(True)
+    values = [v.value for v in variables if "float" in keras.backend.standardize_dtype(v.dtype)]
+    return gradient_backends.all_finite(values) if values else ops.convert_to_tensor(True)
 
 
 def _metric_updater(mask):
     """`update(tracker, value)`: a Mean's update_state, or, with `mask`, one that counts the step only where
     `mask` (the select path runs the metrics stage on skipped steps too)."""
     if mask is None:
-        return lambda tracker, value: tracker.update_state(value)
+        def add(tracker, value):        # Mean.update_state of a scalar, without its per-call conversions
+            tracker.total.assign_add(ops.cast(value, tracker.total.dtype))
+            tracker.count.assign_add(ops.cast(1, tracker.count.dtype))
+
+        return add
     applied = ops.cast(mask, "float32")
 
     def update(tracker, value):
@@ -321,6 +339,8 @@ class MultiTaskModel(keras.Model):
         loss_weights=None,
         balancer="ew",
         vectorize_jacobian=None,
+        task_gradients="parameters",
+        task_gradients_every=1,
         **kwargs,
     ):
         """Configures training.
@@ -336,6 +356,12 @@ class MultiTaskModel(keras.Model):
             balancer: a registered name (`keras_dbmtl.balancers.names()`) or a `Balancer` instance.
             vectorize_jacobian: None (the backend's measured default), True or False: how the T x P task
                 Jacobian is computed (one vectorised backward or a loop of T backward passes).
+            task_gradients: "parameters" (the per-task gradients of the shared variables, the methods' own
+                definition) or "representation" (per-task gradients of the encoder's output, then one backward
+                through the encoder; MGDA-UB). See `keras_dbmtl.task_gradients` for the methods that allow it.
+            task_gradients_every: k >= 1. With k > 1 the per-task gradients and the balancer's update are computed
+                every k-th step only; the steps in between apply the last task weights in one backward pass
+                (`keras_dbmtl.task_gradients`). k = 1 is the exact method.
             **kwargs: `jit_compile`, `run_eagerly`, `steps_per_execution`, ... as in `keras.Model.compile`.
         """
         if loss is None:
@@ -346,23 +372,27 @@ class MultiTaskModel(keras.Model):
         if kwargs.get("weighted_metrics"):
             raise ValueError("weighted_metrics is not supported by MultiTaskModel; pass sample weights per task.")
         balancer_obj = self._balancer_of_this_model(registry.get(balancer))
+        task_gradient_modes.check(balancer_obj, task_gradients, task_gradients_every, self)
         self._task_losses_fns = self._task_loss_functions(loss)
         self._loss_weights_vector = self._loss_weights_for(loss_weights, balancer_obj)
         if metrics is not None and _is_dict(metrics):
             self._check_task_keys(metrics, "metrics", require_all=False)
         self._vectorize = vectorize_jacobian
+        self._task_gradients = task_gradients
         super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
         self._attach_balancer(balancer_obj)
+        self._attach_schedule(task_gradients_every if balancer_obj.uses_task_gradients else 1)
         with tracking.DotNotTrackScope():
             # Reported through the `metrics` property, not tracked as layers of the model.
             self._task_trackers = {
-                kind: [keras.metrics.Mean(name=f"{task}_{kind}") for task in self.task_names]
-                for kind in ("loss", "weight", "gradient_norm")
+                kind: _trackers.TaskMeans(self.task_names, kind) for kind in ("loss", "weight", "gradient_norm")
             }
             self._skip_tracker = keras.metrics.Sum(name=SKIPPED_STEPS_KEY)
             self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
                 optimizer=optimizer, loss=loss, metrics=metrics, loss_weights=loss_weights, balancer=balancer_obj,
                 vectorize_jacobian=vectorize_jacobian,
+                task_gradients=task_gradients,
+                task_gradients_every=task_gradients_every,
                 **{k: v for k, v in kwargs.items() if k in ("jit_compile", "run_eagerly", "steps_per_execution")},
             )
         if self.built:
@@ -429,6 +459,20 @@ class MultiTaskModel(keras.Model):
         if locked:
             self._tracker.lock()
 
+    def _attach_schedule(self, every):
+        """The state of `task_gradients_every=k > 1` (tracked, so saved and threaded through the JAX step)."""
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        previous = self.__dict__.get("task_gradient_schedule")
+        if previous is not None:
+            self._tracker.untrack(previous)
+        schedule = None
+        if every > 1:
+            schedule = task_gradient_modes.AmortisedSchedule(every, len(self.task_names), name="task_gradients")
+        self.task_gradient_schedule = schedule
+        if locked:
+            self._tracker.lock()
+
     def _build_balancer(self):
         if self.balancer is None or self.balancer.built:
             return
@@ -457,9 +501,9 @@ class MultiTaskModel(keras.Model):
         result = super().metrics
         trackers = getattr(self, "_task_trackers", None)
         if trackers and self.balancer is not None:
-            result = result + trackers["loss"] + trackers["weight"] + [self._skip_tracker]
+            result = result + [trackers["loss"], trackers["weight"], self._skip_tracker]
             if self.balancer.uses_task_gradients:
-                result = result + trackers["gradient_norm"]
+                result = result + [trackers["gradient_norm"]]
         if self.gradient_statistics is not None:
             result = result + [self.gradient_statistics]
         return result
@@ -514,7 +558,7 @@ class MultiTaskModel(keras.Model):
         losses = []
         for task in self.task_names:
             weight = sample_weight.get(task) if _is_dict(sample_weight) else sample_weight
-            value = self._task_losses_fns[task](y[task], y_pred[task], sample_weight=weight)
+            value = _loss_call.task_loss(self._task_losses_fns[task], y[task], y_pred[task], weight)
             losses.append(ops.cast(value, "float32"))
         losses = ops.stack(losses)
         if self._loss_weights_vector is not None:
@@ -563,7 +607,7 @@ class MultiTaskModel(keras.Model):
         finite, invalid = self._usable(grads)
 
         def apply(mask):
-            update = self._balance_stage(grads, mask)
+            update = self._scheduled_balance_stage(grads, mask)
             self._apply_stage(update, batch, grads.forward, variables, scaling.inner_optimizer)
             self._metrics_stage(batch, grads.forward, update, mask)
 
@@ -603,22 +647,54 @@ class MultiTaskModel(keras.Model):
     def _task_gradients_stage(self, batch, variables, scaling):
         """The forward stage, differentiated: per-task gradients for a gradient-level balancer, one gradient of
         the combined loss for a loss-level one. Gradients of the global batch, unscaled."""
-        if self.balancer.uses_task_gradients:
+        if self.balancer.uses_task_gradients and getattr(self, "_task_gradients", None) == "representation":
+            grads = self._representation_gradients(batch, variables, scaling)
+        elif self.balancer.uses_task_gradients:
             grads = self._per_task_gradients(batch, variables, scaling)
         else:
             grads = self._combined_gradients(batch, variables, scaling)
         return grads.map(scaling.unscale)
 
     def _per_task_gradients(self, batch, variables, scaling):
+        """The T x P Jacobian of the shared variables, or with `task_gradients_every=k > 1` (between refresh steps)
+        the shared gradient of sum_t w_t transformed_loss_t with the last refresh's weights instead."""
         def differentiated():
             forward = self._forward_stage(batch)
             return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
 
+        schedule = getattr(self, "task_gradient_schedule", None)
+        amortise = None if schedule is None else (schedule.refresh(), ops.convert_to_tensor(schedule.weights_applied))
         result = gradient_backends.task_gradients(
-            differentiated, variables.shared, variables.task_groups, variables.extra, self._vectorize
+            differentiated, variables.shared, variables.task_groups, variables.extra, self._vectorize, amortise
         )
         return _Gradients(result.aux, blocks=result.shared_blocks, own=result.task_gradients,
-                          extra=result.extra_gradients, regularization=result.regularization_gradients)
+                          extra=result.extra_gradients, regularization=result.regularization_gradients,
+                          refresh=None if amortise is None else amortise[0], combined_shared=result.combined_shared)
+
+    def _representation_gradients(self, batch, variables, scaling):
+        """The T x (B * size of z) Jacobian of the task losses with respect to the encoder's output z; the balanced
+        direction over z reaches the shared variables through one backward pass of the encoder (`to_shared`)."""
+        def encode():
+            return self.encoder(batch.x, training=True)
+
+        def decode(features):
+            y_pred = {task: self.heads[task](features, training=True) for task in self.task_names}
+            raw = gradient_backends.global_losses(self._task_losses(batch.y, y_pred, batch.sample_weight))
+            forward = _Forward(y_pred, self.balancer.task_losses(raw), self._regularization_loss())
+            return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
+
+        result = gradient_backends.representation_gradients(
+            encode, decode, variables.shared, variables.task_groups, variables.extra, self._vectorize
+        )
+        grads = _Gradients(result.aux, blocks=result.shared_blocks, own=result.task_gradients,
+                           extra=result.extra_gradients, regularization=result.regularization_gradients)
+
+        def to_shared(directions):
+            (direction,) = directions
+            return [scaling.unscale(g) for g in result.to_shared(scaling.scale(direction))]
+
+        grads.to_shared = to_shared
+        return grads
 
     def _combined_gradients(self, batch, variables, scaling):
         def differentiated():
@@ -632,8 +708,8 @@ class MultiTaskModel(keras.Model):
     def _usable(self, grads):
         """(finite, invalid): whether the step can be applied, and the (T,) tasks whose loss is unusable.
 
-        One reduction per gradient tensor: a NaN or inf entry makes its sum non-finite (a sum of finite gradients
-        that overflows float32 counts as non-finite too: such a step is not usable either)."""
+        `keras_dbmtl.gradients.all_finite`: a NaN or inf entry in any gradient (TF, JAX: one sum per tensor, so a
+        sum of finite gradients that overflows float32 counts too; torch: one fused max-abs call)."""
         raw = grads.forward.losses.raw
         invalid = self.balancer.invalid_losses(raw)
         if grads.blocks is not None:
@@ -644,8 +720,7 @@ class MultiTaskModel(keras.Model):
         finite = ops.logical_not(ops.any(invalid))
         tensors = grads.tensors()
         if tensors:
-            sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
-            finite = ops.logical_and(finite, ops.all(ops.isfinite(sums)))
+            finite = ops.logical_and(finite, gradient_backends.all_finite(tensors))
         return finite, invalid
 
     def _without_labels(self, raw, grads):
@@ -673,7 +748,29 @@ class MultiTaskModel(keras.Model):
         if self.gradient_statistics is not None:
             self.gradient_statistics.update_state(jacobian.gramian())
         aggregation = self.balancer.aggregate(losses, jacobian)
-        return _Update(self._assemble(aggregation, jacobian, grads), aggregation.task_weights, jacobian)
+        return _Update(self._assemble(aggregation, jacobian, grads), aggregation.task_weights, jacobian,
+                       aggregation.head_weights)
+
+    def _scheduled_balance_stage(self, grads, mask=None):
+        """The balance stage; with `task_gradients_every=k > 1`, the balancer's update on refresh steps and the
+        last refresh's weights in between (keras_dbmtl.task_gradients.AmortisedSchedule)."""
+        if grads.refresh is None:
+            return self._balance_stage(grads, mask)
+        state = list(self.balancer.variables)
+        if self.gradient_statistics is not None:
+            state += list(self.gradient_statistics.variables)
+
+        def amortised_update(combined_shared, head_weights, grads):
+            """The shared gradient of sum_t w_t l_t, each head's own gradient times its stored head weight."""
+            heads = []
+            for t, group in enumerate(grads.own):
+                heads.extend(g * ops.cast(head_weights[t], g.dtype) for g in group)
+            step = list(combined_shared) + heads + grads.extra
+            return [g if r is None else g + r for g, r in zip(step, grads.regularization or [None] * len(step))]
+
+        schedule = self.task_gradient_schedule
+        update = schedule.balance(lambda: self._balance_stage(grads, mask), grads, state, amortised_update)
+        return update._replace(refresh=grads.refresh)
 
     @staticmethod
     def _assemble(aggregation, jacobian, grads):
@@ -683,6 +780,8 @@ class MultiTaskModel(keras.Model):
             shared = jacobian.weighted_sum_blocks(aggregation.task_weights)
         else:
             shared = _split_flat(aggregation.shared_direction, [b.shape[1:] for b in jacobian.blocks])
+        if grads.to_shared is not None:
+            shared = grads.to_shared(shared)
         heads = []
         for t, group in enumerate(grads.own):
             if aggregation.head_weights is not None:
@@ -709,11 +808,13 @@ class MultiTaskModel(keras.Model):
         update_state(self._loss_tracker, ops.sum(raw) + forward.regularization)
         weights = ops.cast(update.task_weights, "float32")
         norms = None if update.jacobian is None else update.jacobian.norms()
-        for t in range(len(self.task_names)):
-            update_state(self._task_trackers["loss"][t], raw[t])
-            update_state(self._task_trackers["weight"][t], weights[t])
-            if norms is not None:
-                update_state(self._task_trackers["gradient_norm"][t], norms[t])
+        norm_mask = mask
+        if update.refresh is not None:      # task_gradients_every > 1: norms of refresh steps only
+            norm_mask = update.refresh if mask is None else ops.logical_and(mask, update.refresh)
+        self._task_trackers["loss"].update_state(raw, mask)
+        self._task_trackers["weight"].update_state(weights, mask)
+        if norms is not None:
+            self._task_trackers["gradient_norm"].update_state(norms, norm_mask)
         if self._compile_metrics is not None:
             self._compile_metrics.update_state(batch.y, forward.y_pred, batch.sample_weight)
 
@@ -757,11 +858,10 @@ class MultiTaskModel(keras.Model):
         raw_losses = self._task_losses(y, y_pred, sample_weight)
         regularization = self._regularization_loss()
         self._loss_tracker.update_state(ops.sum(raw_losses) + regularization)
-        for t in range(len(self.task_names)):
-            self._task_trackers["loss"][t].update_state(raw_losses[t])
+        self._task_trackers["loss"].update_state(raw_losses)
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
         # Task weights and gradient norms exist only in training.
-        training_only = {m.name for kind in ("weight", "gradient_norm") for m in self._task_trackers[kind]}
+        training_only = {key for kind in ("weight", "gradient_norm") for key in self._task_trackers[kind].keys}
         training_only.add(SKIPPED_STEPS_KEY)
         return {key: value for key, value in logs.items() if key not in training_only}
 

@@ -12,21 +12,26 @@ from keras.src.backend.common.stateless_scope import StatelessScope, get_statele
 
 from keras import ops
 
-DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every model measured (benchmarks/RESULTS.md)
+DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every CPU model measured (benchmarks/RESULTS.md)
+
+
+def on_gpu():
+    return jax.default_backend() == "gpu"      # vectorised there (benchmarks/RESULTS_gpu.md)
 
 
 def _functional(forward, variables):
-    """forward as a pure function of the variables' values; returns (outputs, (aux, state_updates))."""
+    """forward(*inputs) as a pure function of the variables' values and the inputs; returns
+    (outputs, (aux, state_updates))."""
     outer = get_stateless_scope()
     base = dict(outer.state_mapping) if outer is not None else {}
     variable_ids = [id(v) for v in variables]
 
-    def pure(values):
+    def pure(values, inputs):
         scope = StatelessScope(collect_losses=True)
         scope.state_mapping = dict(base)
         scope.state_mapping.update(zip(variable_ids, values))
         with scope:
-            outputs, aux = forward()
+            outputs, aux = forward(*inputs)
         updates = {
             key: value
             for key, value in scope.state_mapping.items()
@@ -44,18 +49,23 @@ def _functional(forward, variables):
     return pure, write_back, current_values
 
 
-def pullback(forward, variables):
-    """One forward pass as a pure function of the variables (`jax.vjp`); state it updated is written back."""
+def pullback(forward, variables, inputs=()):
+    """One forward pass as a pure function of the variables and inputs (`jax.vjp`); state it updated is written
+    back. Index len(variables) + j of a pull is the gradient of inputs[j]."""
     pure, write_back, current_values = _functional(forward, variables)
-    outputs, vjp_fn, (aux, updates) = jax.vjp(pure, current_values(), has_aux=True)
+    outputs, vjp_fn, (aux, updates) = jax.vjp(pure, current_values(), list(inputs), has_aux=True)
     write_back(updates)
+
+    def all_gradients(cotangents):
+        values, input_grads = vjp_fn(tuple(cotangents))
+        return list(values) + list(input_grads)
 
     def pull(cotangents, indices, batched=False):
         indices = list(indices)
         if batched:
-            grads = jax.vmap(lambda c: vjp_fn(tuple(c))[0])(tuple(cotangents))
+            grads = jax.vmap(all_gradients)(tuple(cotangents))
         else:
-            (grads,) = vjp_fn(tuple(cotangents))
+            grads = all_gradients(cotangents)
         return [grads[i] for i in indices]
 
     return tuple(outputs), aux, pull
@@ -77,6 +87,13 @@ def run_step(step, args, state_groups):
         for variables, values in zip(groups, state)
     )
     return logs, new_state
+
+
+def all_finite(tensors):
+    """Whether every entry of every tensor is finite: one sum per tensor (a NaN or inf entry, or a sum that
+    overflows float32, makes it non-finite), one reduction of the sums."""
+    sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
+    return ops.all(ops.isfinite(sums))
 
 
 def skips_by_branch():

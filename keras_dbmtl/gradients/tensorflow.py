@@ -75,19 +75,23 @@ def optimizer_gradients(grads):
     return [None if g is None else g * tf.cast(scale, g.dtype) for g in grads]
 
 
-def pullback(forward, variables):
-    """One forward pass under a persistent tape; each pull is a `tape.gradient` with output gradients."""
+def pullback(forward, variables, inputs=()):
+    """One forward pass under a persistent tape; each pull is a `tape.gradient` with output gradients. Index
+    len(variables) + j of a pull is the gradient of inputs[j] (watched)."""
+    inputs = [tf.convert_to_tensor(x) for x in inputs]
     with tf.GradientTape(persistent=True) as tape:
-        outputs, aux = forward()
+        tape.watch(inputs)
+        outputs, aux = forward(*inputs)
     outputs = tuple(outputs)
+    sources = list(variables) + inputs
 
     def pull(cotangents, indices, batched=False):
-        chosen = [variables[i] for i in indices]
+        chosen = [sources[i] for i in indices]
         if not chosen:
             return []
         if not batched:
             grads = tape.gradient(outputs, chosen, output_gradients=list(cotangents))
-            return [tf.zeros(v.shape, dtype=v.dtype) if g is None else g for g, v in zip(grads, chosen)]
+            return [_zeros(v) if g is None else g for g, v in zip(grads, chosen)]
         with tape:             # the rows B of sum_i C_i outputs_i, recorded on the same tape
             rows = tf.add_n([tf.reshape(c, (c.shape[0], -1)) @ tf.reshape(o, (-1, 1)) for c, o in
                              zip(cotangents, outputs)])[:, 0]
@@ -95,6 +99,17 @@ def pullback(forward, variables):
                              experimental_use_pfor=True)
 
     return outputs, aux, pull
+
+
+def _zeros(source):
+    return tf.zeros_like(source) if tf.is_tensor(source) else tf.zeros(source.shape, dtype=source.dtype)
+
+
+def all_finite(tensors):
+    """Whether every entry of every tensor is finite: one sum per tensor (a NaN or inf entry, or a sum that
+    overflows float32, makes it non-finite), one reduction of the sums."""
+    sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
+    return ops.all(ops.isfinite(sums))
 
 
 def skips_by_branch():

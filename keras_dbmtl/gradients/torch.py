@@ -17,11 +17,19 @@ import torch.distributed as dist
 DEFAULT_VECTORIZE = False
 
 
-def pullback(forward, variables):
-    """One forward pass, one autograd graph; each pull is a `torch.autograd.grad` that keeps the graph."""
-    outputs, aux = forward()
+def on_gpu():
+    from keras.src.backend.torch.core import get_device
+
+    return str(get_device()).startswith("cuda")      # vectorised there (benchmarks/RESULTS_gpu.md)
+
+
+def pullback(forward, variables, inputs=()):
+    """One forward pass, one autograd graph; each pull is a `torch.autograd.grad` that keeps the graph. Index
+    len(variables) + j of a pull is the gradient of inputs[j] (fed to forward as new leaves)."""
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    outputs, aux = forward(*leaves)
     outputs = tuple(outputs)
-    tensors = [v.value for v in variables]
+    tensors = [v.value for v in variables] + leaves
 
     def pull(cotangents, indices, batched=False):
         chosen = [tensors[i] for i in indices]
@@ -43,7 +51,20 @@ def _zeros(tensor, cotangent, batched):
 
 
 def skips_by_branch():
-    return False   # a branch on the flag would be a host round trip (a device sync) in every step
+    """On the CPU a Python branch on the flag costs nothing and spares copying every variable before the step
+    and selecting after it; on an accelerator it would be a host round trip (a device sync) every step: a select
+    there."""
+    from keras.src.backend.torch.core import get_device
+
+    return str(get_device()).startswith("cpu")
+
+
+def all_finite(tensors):
+    """Whether every entry of every tensor is finite: one fused max-abs per tensor (`_foreach_norm` with ord=inf,
+    NaN and inf propagate), one reduction of the T results."""
+    with torch.no_grad():
+        norms = torch._foreach_norm([t.detach() for t in tensors], ord=float("inf"))
+        return torch.isfinite(torch.stack(norms)).all()
 
 
 def run_step(step, args, state_groups):
