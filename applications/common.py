@@ -38,8 +38,7 @@ each), up to 8 GB of freed memory stays with the process (its resident size stay
 arenas. XLA on CPU allocates one block for a step's temporaries (tens to hundreds of MB) and frees it after the
 step; with glibc's defaults that block is mapped and unmapped every step and each of its pages faults anew.
 Measured on the QM9 quick preset (JAX, 2 shared CPU cores, CPU time per training step): DB-MTL 443 -> 266 ms,
-minor faults 83,000 -> 2,000, kernel share 38 % -> 2.6 %; EW (with mmap 256 MB / trim 1 GB) 57 -> 35 ms,
-10,500 -> 180 faults, 32 % -> 2.2 %."""
+minor faults 83,000 -> 2,000, kernel share 38 % -> 2.6 %; EW 62 -> 36 ms, 10,500 -> 0 faults, 34 % -> 1.1 %."""
 
 
 def rerun_with_malloc_tunables():
