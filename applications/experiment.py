@@ -49,11 +49,11 @@ class ExperimentError(ValueError):
 # --------------------------------------------------------------------------- the preamble
 
 
-def add_arguments(parser, balancers=("ew", "dbmtl"), seeds=(0,), out=None):
+def add_arguments(parser, balancers=("ew", "dbmtl"), seeds=(0,), out=None, backend=None):
     """Adds --backend, --balancer, --balancer-args, --grid, --seeds, --out to an ``argparse`` parser."""
     parser.add_argument("--backend", default=None, choices=("jax", "tensorflow", "torch"),
                         help="Keras backend (sets KERAS_BACKEND before Keras is imported; default: the "
-                             "environment's, else jax)")
+                             "environment's KERAS_BACKEND" + (f", else {backend}" if backend else "") + ")")
     parser.add_argument("--balancer", nargs="+", default=None,
                         help=f"registered balancer name(s) (keras_dbmtl.balancers.names()); default: "
                              f"{' '.join(balancers)}")
@@ -72,8 +72,9 @@ def add_arguments(parser, balancers=("ew", "dbmtl"), seeds=(0,), out=None):
     return parser
 
 
-def apply_backend(backend):
-    """Sets ``KERAS_BACKEND`` (default: the environment's, else jax) before Keras is imported."""
+def apply_backend(backend, default=None):
+    """Sets ``KERAS_BACKEND`` to ``backend`` before Keras is imported; without one, keeps the environment's,
+    else sets ``default`` (None: Keras' own default)."""
     if backend:
         if "keras" in sys.modules:
             import keras
@@ -82,10 +83,10 @@ def apply_backend(backend):
                 raise ExperimentError(f"--backend {backend}: Keras was already imported with the "
                                       f"{keras.backend.backend()} backend; set KERAS_BACKEND instead.")
         os.environ["KERAS_BACKEND"] = backend
-    else:
-        os.environ.setdefault("KERAS_BACKEND", "jax")
+    elif default and "keras" not in sys.modules:
+        os.environ.setdefault("KERAS_BACKEND", default)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return os.environ["KERAS_BACKEND"]
+    return os.environ.get("KERAS_BACKEND")
 
 
 def backend_name():
@@ -399,6 +400,6 @@ def summary_table(plan, runs, grids):
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PAPER_GRIDS", "ExperimentError", "add_arguments", "apply_backend", "backend_name", "Setting", "parse_grid",
-           "check_output_folder", "check_seeds", "per_task_key", "compact_progbar", "Plan", "make_plan", "plan_from_args", "run_plan",
-           "summary_table", "write_json"]
+__all__ = ["PAPER_GRIDS", "ExperimentError", "add_arguments", "apply_backend", "backend_name", "Setting",
+           "parse_grid", "check_output_folder", "check_seeds", "per_task_key", "compact_progbar", "Plan", "make_plan",
+           "plan_from_args", "run_plan", "summary_table", "write_json"]

@@ -22,7 +22,7 @@ def parser():
     p.add_argument("--preset", choices=("quick", "paper"), default="quick",
                    help="quick (default): ~10 min on 2 CPU cores (smaller model, bonded edges, a subset); "
                         "paper: the paper's model and recipe, all molecules, 300 epochs (a GPU job)")
-    experiment.add_arguments(p, balancers=("ew", "dbmtl"), seeds=(0,), out=None)
+    experiment.add_arguments(p, balancers=("ew", "dbmtl"), seeds=(0,), out=None, backend="jax")
     p.add_argument("--stl", action="store_true",
                    help="train the 11 single-task baselines (writes <out>/stl_baselines_<preset>.json); "
                         "with --balancer too, Δp uses these fresh baselines")
@@ -82,7 +82,7 @@ def main(argv=None):
     if args.out is None:
         args.out = os.path.join("results", f"qm9_{args.preset}")
     try:
-        experiment.apply_backend(args.backend)
+        experiment.apply_backend(args.backend, default="jax")
     except experiment.ExperimentError as err:
         p.error(str(err))
     from applications.qm9 import train  # imports keras: after KERAS_BACKEND is set
