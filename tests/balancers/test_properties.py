@@ -40,7 +40,7 @@ NOT_PLAIN_SINGLE_TASK = {
 #: Found by this battery and left to the balancers' own fixes (non-strict: they pass once fixed).
 KNOWN_NOT_FINITE = {
     "nash_mtl": "NaN direction on a Jacobian scaled by 1e15",
-    "fairgrad": "singular solve on opposite task gradients (torch raises, other backends return NaN)",
+    "fairgrad": "singular solve on opposite task gradients (torch raises, TensorFlow gives NaN; finite on JAX)",
 }
 #: Methods without randomness, anchor task or order: permuting the tasks permutes the weights.
 PERMUTATION_EQUIVARIANT = {
