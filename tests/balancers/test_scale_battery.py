@@ -54,6 +54,20 @@ def _aggregate_fn(balancer):
     return step
 
 
+def _compile(function):
+    """As a train step compiles: jax.jit, tf.function with XLA (no autograph: keras.ops only), torch as is."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, jit_compile=True, autograph=False)
+    return function
+
+
 class _Runner:
     """Calls one balancer as a train step does: stateless, compiled (jax.jit / tf.function with XLA), every call
     from the state the balancer had right after `build` (a fresh balancer per problem, one compile per T)."""
@@ -68,16 +82,7 @@ class _Runner:
             with keras.StatelessScope(state_mapping=list(zip(self.variables, values))):
                 return step(losses, jacobian)
 
-        backend = keras.backend.backend()
-        if backend == "jax":
-            import jax
-
-            stateless = jax.jit(stateless)
-        elif backend == "tensorflow":
-            import tensorflow as tf
-
-            stateless = tf.function(stateless, jit_compile=True, autograph=False)
-        self.stateless = stateless
+        self.stateless = _compile(stateless)
 
     def __call__(self, jacobian, losses):
         jacobian = ops.convert_to_tensor(np.asarray(jacobian, "float32"))
@@ -265,8 +270,10 @@ def _dbmtl_direction(jacobian, beta=0.9, eps=1e-8):
 
 
 def _order(seed, num):
-    """The random task order a freshly seeded PCGrad/GradVac draws (an input of the algorithm, not its output)."""
-    keys = keras.random.uniform((num, num), seed=keras.random.SeedGenerator(seed))
+    """The random task order a freshly seeded PCGrad/GradVac draws (an input of the algorithm, not its output),
+    drawn in a compiled function as the balancer's is (TensorFlow's XLA and eager random streams differ)."""
+    generator = keras.random.SeedGenerator(seed)
+    keys = _compile(lambda: keras.random.uniform((num, num), seed=generator))()
     return np.argsort(np.asarray(ops.convert_to_numpy(keys)), axis=1)
 
 
