@@ -769,7 +769,7 @@ class MultiTaskModel(keras.Model):
             return [g if r is None else g + r for g, r in zip(step, grads.regularization or [None] * len(step))]
 
         schedule = self.task_gradient_schedule
-        update = schedule.balance(lambda: self._balance_stage(grads, mask), grads, state, amortised_update)
+        update = schedule.balance(lambda: self._balance_stage(grads, mask), grads, state, amortised_update, _Update)
         return update._replace(refresh=grads.refresh)
 
     @staticmethod

@@ -139,10 +139,13 @@ class AmortisedSchedule(keras.layers.Layer):
         """Whether this step computes the per-task gradients (bool scalar tensor)."""
         return ops.equal(ops.mod(ops.convert_to_tensor(self.step), self.every), 0)
 
-    def balance(self, balance_stage, grads, state_variables, assemble):
-        """Runs `balance_stage()` (the balancer's update from the Jacobian, which holds zeros on the steps in
-        between), keeps `state_variables` where the step is not a refresh, and returns the update the step
-        applies: the balancer's on refresh steps, the last weights' otherwise. Advances the counter."""
+    def balance(self, balance_stage, grads, state_variables, assemble, update_type):
+        """The update the step applies: the balancer's (`balance_stage()`) on refresh steps, the last weights'
+        (`assemble`) otherwise; advances the counter. Compiled steps (JAX, TensorFlow) run the balancer on every
+        step (its Jacobian holds zeros in between) and keep `state_variables` where the step is not a refresh;
+        torch, eager, branches in Python and runs the balancer on refresh steps only."""
+        if gradient_backends.branches_in_python():
+            return self._branch(balance_stage, grads, assemble, update_type)
         refresh = grads.refresh
         previous = gradient_backends.snapshot(state_variables)
         update = balance_stage()
@@ -157,6 +160,16 @@ class AmortisedSchedule(keras.layers.Layer):
         self.step.assign_add(ops.cast(1, "int32"))
         gradients = [ops.where(refresh, a, b) for a, b in zip(update.gradients, amortised)]
         return update._replace(gradients=gradients, task_weights=weights)
+
+    def _branch(self, balance_stage, grads, assemble, update_type):
+        self.step.assign_add(ops.cast(1, "int32"))
+        if bool(ops.convert_to_numpy(grads.refresh)):
+            update = balance_stage()
+            self.weights_applied.assign(ops.cast(update.task_weights, "float32"))
+            self.head_weights.assign(_head_weights(update, self.num_tasks))
+            return update
+        weights, heads = ops.convert_to_tensor(self.weights_applied), ops.convert_to_tensor(self.head_weights)
+        return update_type(assemble(grads.combined_shared, heads, grads), weights, None, heads)
 
     def get_config(self):
         return {"every": self.every, "num_tasks": self.num_tasks, "name": self.name}

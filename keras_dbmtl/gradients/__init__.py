@@ -16,6 +16,8 @@ uses; this is the only place that asks which backend runs (`backend_module`):
         previous values (a select on JAX, on an accelerator with torch and under tf.distribute; a branch on
         TensorFlow with one replica (tf.cond) and on torch on the CPU, where it costs no device sync);
     all_finite(tensors): one bool, whether every gradient entry is finite (torch: one fused call);
+    branches_in_python(): whether the step runs eagerly, so that a Python branch on a flag runs one side only
+        (torch; the compiled backends select or use `ops.cond`);
     run_step(step, args, state_groups): the train/test step in the form the Keras trainer of the backend calls
         it (JAX: a pure function of the state, through a `StatelessScope`; the others: `step(data)`);
     DEFAULT_VECTORIZE: whether the T x P Jacobian is computed with the vectorised pull by default on the CPU
@@ -113,6 +115,10 @@ def skips_by_branch():
 
 def all_finite(tensors):
     return backend_module().all_finite(list(tensors))
+
+
+def branches_in_python():
+    return backend_module().branches_in_python()
 
 
 def run_step(step, args, state_groups):

@@ -89,6 +89,10 @@ def run_step(step, args, state_groups):
     return logs, new_state
 
 
+def branches_in_python():
+    return False
+
+
 def all_finite(tensors):
     """Whether every entry of every tensor is finite: one sum per tensor (a NaN or inf entry, or a sum that
     overflows float32, makes it non-finite), one reduction of the sums."""

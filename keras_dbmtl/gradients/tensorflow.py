@@ -105,6 +105,10 @@ def _zeros(source):
     return tf.zeros_like(source) if tf.is_tensor(source) else tf.zeros(source.shape, dtype=source.dtype)
 
 
+def branches_in_python():
+    return False
+
+
 def all_finite(tensors):
     """Whether every entry of every tensor is finite: one sum per tensor (a NaN or inf entry, or a sum that
     overflows float32, makes it non-finite), one reduction of the sums."""

@@ -59,6 +59,10 @@ def skips_by_branch():
     return str(get_device()).startswith("cpu")
 
 
+def branches_in_python():
+    return True
+
+
 def all_finite(tensors):
     """Whether every entry of every tensor is finite: one fused max-abs per tensor (`_foreach_norm` with ord=inf,
     NaN and inf propagate), one reduction of the T results."""
