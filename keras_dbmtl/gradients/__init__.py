@@ -15,7 +15,8 @@ uses; this is the only place that asks which backend runs (`backend_module`):
     snapshot(variables), keep_where(flag, variables, previous), skips_by_branch(): how a skipped step keeps the
         previous values (a select on JAX, on an accelerator with torch and under tf.distribute; a branch on
         TensorFlow with one replica (tf.cond) and on torch on the CPU, where it costs no device sync);
-    all_finite(tensors): one bool, whether every gradient entry is finite (torch: one fused call);
+    all_finite(tensors) (optional; a keras.ops default otherwise): one bool, whether every gradient entry is
+        finite (torch: one fused call);
     branches_in_python(): whether the step runs eagerly, so that a Python branch on a flag runs one side only
         (torch; the compiled backends select or use `ops.cond`);
     run_step(step, args, state_groups): the train/test step in the form the Keras trainer of the backend calls
@@ -114,7 +115,15 @@ def skips_by_branch():
 
 
 def all_finite(tensors):
-    return backend_module().all_finite(list(tensors))
+    """Whether every entry of every tensor is finite. The backend's own version where it has one (torch: one fused
+    max-abs call); else one sum per tensor (a NaN or inf entry, or a sum that overflows float32, makes it
+    non-finite) and one reduction of the sums."""
+    tensors = list(tensors)
+    own = getattr(backend_module(), "all_finite", None)
+    if own is not None:
+        return own(tensors)
+    sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
+    return ops.all(ops.isfinite(sums))
 
 
 def branches_in_python():

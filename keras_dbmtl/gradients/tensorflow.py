@@ -109,13 +109,6 @@ def branches_in_python():
     return False
 
 
-def all_finite(tensors):
-    """Whether every entry of every tensor is finite: one sum per tensor (a NaN or inf entry, or a sum that
-    overflows float32, makes it non-finite), one reduction of the sums."""
-    sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
-    return ops.all(ops.isfinite(sums))
-
-
 def skips_by_branch():
     # One replica: tf.cond, copying only what the forward changes. Under tf.distribute the optimizer's
     # cross-replica step cannot run inside tf.cond (`merge_call` in control flow): a select there too.
