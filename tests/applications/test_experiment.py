@@ -55,7 +55,7 @@ def test_plan_settings_balancer_args_and_grid(tmp_path):
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(balancers=["ew", "dbmtll"]), "unknown ['dbmtll']"),
     (dict(balancers=["ew", "dbmtl"], balancer_args=["beta=0.5"]), "name one, e.g. dbmtl:beta=0.5"),
-    (dict(balancers=["dbmtl"], balancer_args=["dbmtl:beta=2"]), "beta must be in [0, 1)"),
+    (dict(balancers=["dbmtl"], balancer_args=["dbmtl:beta=2"]), "beta must be a number in [0, 1); received beta=2"),
     (dict(balancers=["dbmtl"], balancer_args=["dbmtl:bogus=1"]), "bogus"),
     (dict(balancers=["dbmtl"], balancer_args=["dbmtl:beta"]), "key=value"),
     (dict(balancers=["ew"], grids=["dbmtl:beta=0.5|1.5"]), "dbmtl[beta=1.5]"),

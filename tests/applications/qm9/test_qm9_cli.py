@@ -26,7 +26,7 @@ def no_data(monkeypatch):
 @pytest.mark.parametrize("argv, needle", [
     (["--seeds", "-1"], "--seeds -1"),
     (["--balancer", "ew", "dbmtll"], "unknown ['dbmtll']"),
-    (["--balancer-args", "dbmtl:beta=1.5"], "beta must be in [0, 1)"),
+    (["--balancer-args", "dbmtl:beta=1.5"], "beta must be a number in [0, 1); received beta=1.5"),
     (["--grid", "dbmtl:beta=0.1||0.5"], "an empty value"),
     (["--subset", "10", "5"], "--subset takes"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
