@@ -315,6 +315,21 @@ def compact_progbar(tasks):
 # --------------------------------------------------------------------------- running
 
 
+def backbone_weights(value, auto):
+    """`--weights`: "auto" gives `auto` (the preset's pretrained weights, or None), ""/"none"/"null" give None,
+    anything else is a preset name or a file, passed on as is."""
+    if str(value).lower() == "auto":
+        return auto
+    if str(value).lower() in ("", "none", "null"):
+        return None
+    return value
+
+
+def run_tag(tag, setting, seed, single):
+    """The file tag of one run: `tag` alone for a single run, else with the setting's label and the seed."""
+    return tag if single else f"{tag}_{setting.file_label}_seed{seed}"
+
+
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()

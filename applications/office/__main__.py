@@ -74,19 +74,14 @@ def main(argv=None):
 
     if args.make_splits:
         data.make_splits(args.data_root, args.dataset, out_dir=args.split_dir, seed=plan.seeds[0])
-    weights = args.weights
-    if str(weights).lower() == "auto":
-        weights = "resnet_18_imagenet" if args.backbone == "resnet18" else None
-    elif str(weights).lower() in ("", "none", "null"):
-        weights = None
+    weights = experiment.backbone_weights(args.weights, "resnet_18_imagenet" if args.backbone == "resnet18" else None)
     single = len(plan.settings) == 1 and len(plan.seeds) == 1
     stl_json = [args.stl_results]
     summaries = []
 
     def train_one(setting, seed):
-        tag = args.tag or f"{dataset}_{setting.balancer}_{experiment.backend_name()}"
-        if not single:
-            tag = f"{tag}_{setting.file_label}_seed{seed}"
+        tag = experiment.run_tag(args.tag or f"{dataset}_{setting.balancer}_{experiment.backend_name()}",
+                                 setting, seed, single)
         summary = train.run(
             args.data_root, dataset=args.dataset, balancer=setting.balancer, stl=args.stl and not stl_json[0],
             stl_results=stl_json[0], out_dir=plan.out, tag=tag, balancer_args=setting.kwargs or None,

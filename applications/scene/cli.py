@@ -98,19 +98,15 @@ def main(preset, argv=None):
                            image_size=tuple(args.image_size or (32, 32)),
                            num_classes=preset["tasks"]["segmentation"], normals="normal" in preset["tasks"],
                            seed=plan.seeds[0])
-    weights = args.weights
-    if str(weights).lower() == "auto":
-        weights = defaults["weights"] if args.backbone == "resnet50" else None
-    elif str(weights).lower() in ("", "none", "null"):
-        weights = None
+    weights = experiment.backbone_weights(args.weights, defaults["weights"] if args.backbone == "resnet50" else None)
     single = len(plan.settings) == 1 and len(plan.seeds) == 1
     stl_json = [args.stl_results]
     summaries = []
 
     def train_one(setting, seed):
-        tag = args.tag or f"{preset['name']}_{args.arch}_{setting.balancer}_{experiment.backend_name()}"
-        if not single:
-            tag = f"{tag}_{setting.file_label}_seed{seed}"
+        tag = experiment.run_tag(
+            args.tag or f"{preset['name']}_{args.arch}_{setting.balancer}_{experiment.backend_name()}",
+            setting, seed, single)
         summary = train.run(
             preset, args.data_root, balancer=setting.balancer, stl=args.stl and not stl_json[0],
             stl_results=stl_json[0], out_dir=plan.out, tag=tag, tasks=args.tasks.split(",") if args.tasks else None,
