@@ -102,20 +102,23 @@ def backend_name():
 class Setting:
     """One balancer with fixed arguments; ``grid`` when it is one point of a grid search."""
 
-    def __init__(self, balancer, kwargs=None, grid=False):
-        self.balancer, self.kwargs, self.grid = balancer, dict(kwargs or {}), grid
+    def __init__(self, balancer, kwargs=None, grid=False, tag=None):
+        self.balancer, self.kwargs, self.grid, self.tag = balancer, dict(kwargs or {}), grid, tag
 
     @property
     def label(self):
-        """``dbmtl`` or ``dbmtl[beta=0.5,beta_sigma=0.5]``."""
+        """``dbmtl``, ``dbmtl[beta=0.5,beta_sigma=0.5]``, or with a ``tag`` (how it was trained, e.g. ``every5``)
+        ``dbmtl-every5``."""
+        label = self.balancer + ("-" + self.tag if self.tag else "")
         if not self.kwargs:
-            return self.balancer
-        return self.balancer + "[" + ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items())) + "]"
+            return label
+        return label + "[" + ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items())) + "]"
 
     @property
     def file_label(self):
         """The label as a file-name part: ``dbmtl_beta0.5_beta_sigma0.5``."""
-        parts = [self.balancer] + [f"{k}{v}" for k, v in sorted(self.kwargs.items())]
+        parts = [self.balancer + ("-" + self.tag if self.tag else "")]
+        parts += [f"{k}{v}" for k, v in sorted(self.kwargs.items())]
         return "".join(c if c.isalnum() or c in "._-" else "-" for c in "_".join(parts))
 
     def make(self):
@@ -125,7 +128,7 @@ class Setting:
         return balancers.get(self.balancer, **self.kwargs)
 
     def to_json(self):
-        return dict(balancer=self.balancer, kwargs=self.kwargs, label=self.label, grid=self.grid)
+        return dict(balancer=self.balancer, kwargs=self.kwargs, label=self.label, grid=self.grid, tag=self.tag)
 
     def __repr__(self):
         return f"Setting({self.label})"

@@ -2,9 +2,10 @@
 
     python benchmarks/task_gradients_cost.py <jax|torch|tensorflow> <model, e.g. dense-T11>
 
-EW, DB-MTL, DB-MTL with task_gradients_every=10, MGDA and representation-level MGDA on one model: each the
-model's compiled train function on one fixed batch (common.TrainFunctionRunner), 5 interleaved rounds of 10 steps
-after 2 warm-up steps, one thread; medians in ms and ratios to EW.
+EW, DB-MTL, DB-MTL with task_gradients_every=k for k in 2, 5, 10, 20, MGDA and representation-level MGDA on one
+model: each the model's compiled train function on one fixed batch (common.TrainFunctionRunner), 5 interleaved
+rounds of 20 steps (so that every window holds exactly 20/k refresh steps) after 2 warm-up steps, one thread; CPU
+time of the process (robust to other jobs on the machine), medians in ms and ratios to EW.
 """
 
 import os
@@ -18,13 +19,16 @@ from benchmarks import common  # noqa: E402
 CONFIGURATIONS = [
     ("ew", "ew", {}),
     ("dbmtl", "dbmtl", {}),
+    ("dbmtl every=2", "dbmtl", {"task_gradients_every": 2}),
+    ("dbmtl every=5", "dbmtl", {"task_gradients_every": 5}),
     ("dbmtl every=10", "dbmtl", {"task_gradients_every": 10}),
+    ("dbmtl every=20", "dbmtl", {"task_gradients_every": 20}),
     ("mgda", "mgda", {}),
     ("mgda representation", "mgda", {"task_gradients": "representation"}),
 ]
 
 
-def main(backend, model_name, rounds=5, steps=10):
+def main(backend, model_name, rounds=5, steps=20):
     common.use_backend(backend, threads=1)
     import keras
     import numpy as np
@@ -41,10 +45,10 @@ def main(backend, model_name, rounds=5, steps=10):
         for label, run in runners.items():
             for _ in range(2):
                 run()
-            start = time.perf_counter()
+            start = time.process_time()
             for _ in range(steps):
                 run()
-            times[label].append((time.perf_counter() - start) / steps * 1e3)
+            times[label].append((time.process_time() - start) / steps * 1e3)
     ew = float(np.median(times["ew"]))
     for label, values in times.items():
         median = float(np.median(values))

@@ -2,8 +2,14 @@
 
 Command line (``--backend`` is applied before Keras is imported)::
 
-    # ~10 minutes on 2 CPU cores: EW and DB-MTL on a subset, MAE per target + Δp + a PNG plot
+    # ~10 minutes on 2 CPU cores: EW and DB-MTL on a subset, 3 seeds, MAE per target + Δp + learning curves and
+    # DB-MTL's task weights, gradient norms and gradient cosines (PNG)
     python -m applications.qm9 --preset quick --backend jax --balancer ew dbmtl --out results/qm9_quick
+    # ~1 hour per seed on 2 CPU cores: 8,000 molecules, 20 epochs, 7 balancers, then the STL baselines
+    python -m applications.qm9 --preset medium --balancer ew dbmtl mgda pcgrad nash_mtl famo upgrad --seeds 0
+    python -m applications.qm9 --preset medium --stl --seeds 0
+    # runs made in separate processes (one per seed): one table, the spread verdict and the figures
+    python -m applications.qm9.report results/
     # the paper's model and recipe (a GPU job), 3 seeds, then the 11 single-task baselines
     python -m applications.qm9 --preset paper --backend jax --balancer ew dbmtl --seeds 0 1 2
     python -m applications.qm9 --preset paper --backend jax --stl --seeds 0 1 2
@@ -37,7 +43,8 @@ included, and the epoch / training times) after every epoch.
 
 Modules: ``data`` (qm9pack CSVs -> RDKit -> spektral graphs, cache, split, batching), ``model`` (the
 MPNN encoder in keras.ops: edge-conditioned convolution, GRU, Set2Set), ``train`` (recipe, STL baselines,
-Δp, tables, plot), ``__main__`` (CLI).  Stored STL baselines: ``stl_baselines_quick.json`` (made by this
+Δp, tables, plot), ``report`` (merges run files: table, spread verdict, curves, diagnostics; merges STL files),
+``__main__`` (CLI).  Stored STL baselines: ``stl_baselines_quick.json`` (made by this
 code, command inside) and ``stl_baselines_paper.json`` (the paper's published STL row, see its
 ``source``).
 

@@ -19,10 +19,12 @@ def parser():
                "files; read without importing it). The first run perceives bonds with RDKit and caches the "
                "graphs as one .npz in --cache-dir; later runs need only that file (no RDKit, qm9pack, "
                "spektral or TensorFlow: build it once with --prepare-data, then copy the folder).")
-    p.add_argument("--preset", choices=("quick", "paper"), default="quick",
-                   help="quick (default): ~10 min on 2 CPU cores (smaller model, bonded edges, a subset); "
-                        "paper: the paper's model and recipe, all molecules, 300 epochs (a GPU job)")
-    experiment.add_arguments(p, balancers=("ew", "dbmtl"), seeds=(0,), out=None, backend="jax")
+    p.add_argument("--preset", choices=("quick", "medium", "paper"), default="quick",
+                   help="quick (default): EW and DB-MTL, 3 seeds, ~10 min on 2 CPU cores (smaller model, bonded "
+                        "edges, 4,000 molecules, 12 epochs, cosine schedule); medium: 8,000 molecules, 20 epochs, "
+                        "~1 h per seed on 2 CPU cores for 7 balancers and the STL baselines; paper: the paper's "
+                        "model and recipe, all molecules, 300 epochs (a GPU job)")
+    experiment.add_arguments(p, balancers=("ew", "dbmtl"), seeds=(0, 1, 2), out=None, backend="jax")
     p.add_argument("--stl", action="store_true",
                    help="train the 11 single-task baselines (writes <out>/stl_baselines_<preset>.json); "
                         "with --balancer too, Δp uses these fresh baselines")
@@ -46,6 +48,16 @@ def parser():
                    help="only build the preprocessed .npz cache of the chosen preset/--subset in --cache-dir "
                         "(needs RDKit and qm9pack) and exit; a later run with the same --cache-dir needs "
                         "neither, nor TensorFlow or spektral")
+    p.add_argument("--lr", type=float, default=None, help="override the preset's (initial) learning rate")
+    p.add_argument("--schedule", choices=("plateau", "cosine"), default=None,
+                   help="learning-rate schedule: plateau (ReduceLROnPlateau on validation Δp, the paper's) or "
+                        "cosine (decay to the preset's min_lr over all epochs)")
+    p.add_argument("--task-gradients-every", dest="task_gradients_every", type=int, default=1, metavar="K",
+                   help="compile(task_gradients_every=K): per-task gradients every K steps, the last balancing "
+                        "weights in between (one backward pass); runs are labelled <balancer>-everyK")
+    p.add_argument("--task-gradients", dest="task_gradients", choices=("parameters", "representation"),
+                   default="parameters", help="compile(task_gradients=...): representation-level gradients for "
+                                               "the Gramian-only balancers; runs are labelled <balancer>-rep")
     p.add_argument("--lr-patience", dest="lr_patience", type=int, default=None,
                    help="override the preset's ReduceLROnPlateau patience (epochs; the paper: 5)")
     p.add_argument("--verbose", type=int, default=0,
@@ -62,6 +74,10 @@ def check_args(p, args):
         value = getattr(args, key)
         if value is not None and value < 1:
             p.error(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+    if args.task_gradients_every < 1:
+        p.error(f"--task-gradients-every must be a positive integer, got {args.task_gradients_every}")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be a positive number, got {args.lr}")
     if args.lr_patience is not None and args.lr_patience < 0:
         p.error(f"--lr-patience must be >= 0, got {args.lr_patience}")
     if args.baselines is not None and not os.path.isfile(args.baselines):
@@ -71,6 +87,22 @@ def check_args(p, args):
             experiment.check_seeds(args.seeds)
         except experiment.ExperimentError as err:
             p.error(str(err))
+
+
+def check_task_gradient_mode(setting, args):
+    """--task-gradients(-every) against each balancer, before any data or training (the QM9 model has one shared
+    representation and no activity regularizer, so only the balancer can make the mode unavailable)."""
+    import types
+
+    import keras
+
+    from keras_dbmtl import task_gradients
+
+    model = types.SimpleNamespace(encoder=keras.layers.Identity(), per_task_inputs=False, task_layers=None)
+    try:
+        task_gradients.check(setting.make(), args.task_gradients, args.task_gradients_every, model)
+    except ValueError as err:
+        raise experiment.ExperimentError(f"balancer {setting.balancer}: {err}") from err
 
 
 def main(argv=None):
@@ -96,6 +128,11 @@ def main(argv=None):
             if args.seeds is None:
                 args.seeds = list(train.PRESETS[args.preset]["seeds"])
             plan = experiment.plan_from_args(args)
+            tag = "-".join(t for t in ((f"every{args.task_gradients_every}" if args.task_gradients_every > 1 else ""),
+                                       ("rep" if args.task_gradients == "representation" else "")) if t)
+            for setting in plan.settings:
+                setting.tag = tag or None
+                check_task_gradient_mode(setting, args)
     except experiment.ExperimentError as err:
         p.error(str(err))
     return train.main(args, command, plan)

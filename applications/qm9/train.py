@@ -31,11 +31,17 @@ PRESETS = {
     # The paper's setup (a GPU job: ~27 s per DB-MTL step at batch 128 on 2 CPU cores).
     "paper": dict(dim=64, edge_hidden=128, out_dim=64, set2set_steps=3, steps=3, edges="complete",
                   subset=None, epochs=300, batch_size=128, lr=1e-3, lr_factor=0.7, lr_patience=5,
-                  min_lr=1e-5, seeds=(0, 1, 2)),
-    # ~10 minutes on 2 CPU cores (see README): smaller model, bonded edges, a subset, few epochs.
+                  min_lr=1e-5, schedule="plateau", seeds=(0, 1, 2)),
+    # ~10 minutes on 2 CPU cores for EW and DB-MTL, 3 seeds (see README): smaller model, bonded edges, a subset,
+    # a cosine schedule that anneals by the last epoch (every method's curve has settled there).
     "quick": dict(dim=32, edge_hidden=64, out_dim=64, set2set_steps=3, steps=3, edges="bonds",
-                  subset=(4000, 1000, 2000), epochs=12, batch_size=64, lr=1e-3, lr_factor=0.7,
-                  lr_patience=2, min_lr=1e-5, seeds=(0,)),
+                  subset=(4000, 1000, 2000), epochs=12, batch_size=64, lr=2e-3, schedule="cosine",
+                  lr_factor=0.7, lr_patience=2, min_lr=1e-5, seeds=(0, 1, 2)),
+    # ~1 hour per seed on 2 CPU cores for EW, DB-MTL, MGDA, PCGrad, Nash-MTL, FAMO, UPGrad and the 11 STL models:
+    # twice the molecules and 20 epochs (2,500 steps, past where DB-MTL's curve met EW's on the quick model).
+    "medium": dict(dim=32, edge_hidden=64, out_dim=64, set2set_steps=3, steps=3, edges="bonds",
+                   subset=(8000, 1000, 2000), epochs=20, batch_size=64, lr=2e-3, schedule="cosine",
+                   lr_factor=0.7, lr_patience=5, min_lr=1e-5, seeds=(0, 1, 2)),
 }
 
 
@@ -149,7 +155,30 @@ def mae_metrics(d, tasks):
     return out
 
 
-def build_and_compile(d, cfg, tasks, balancer, name=None):
+def learning_rate(cfg, steps_per_epoch):
+    """The preset's learning rate: a constant ``lr`` that ``ReduceLROnPlateau`` lowers (``schedule="plateau"``,
+    the paper's), or a cosine decay from ``lr`` to ``min_lr`` over all of training's steps (``"cosine"``): every
+    method gets the same budget and ends annealed, so its learning curve has settled by the last epoch."""
+    schedule = cfg.get("schedule", "plateau")
+    if schedule == "plateau":
+        return cfg["lr"]
+    if schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(cfg["lr"], decay_steps=cfg["epochs"] * steps_per_epoch,
+                                                      alpha=cfg["min_lr"] / cfg["lr"])
+    raise ValueError(f"schedule must be 'plateau' or 'cosine'; received {schedule!r}.")
+
+
+def balance_monitor(m):
+    """A ``TaskBalanceMonitor`` (pairwise cosines of the task gradients per epoch, the paper's Figure 10) for a
+    balancer that forms per-task gradients anyway; None for a loss-level one (EW), which forms none."""
+    from keras_dbmtl.callbacks import TaskBalanceMonitor
+
+    if len(m.task_names) < 2 or not m.balancer.uses_task_gradients:
+        return None
+    return TaskBalanceMonitor(pair_logs_up_to=0)
+
+
+def build_and_compile(d, cfg, tasks, balancer, name=None, steps_per_epoch=1):
     """The model, compiled with ``balancer`` (a registered name or a fresh ``Balancer``; ``name`` its
     registered name when an instance is given)."""
     name = name or balancer
@@ -163,7 +192,11 @@ def build_and_compile(d, cfg, tasks, balancer, name=None):
             # Measured on 2 CPU cores: a loop of T backward passes is 1.4-2.7x faster than jax.vmap for this
             # scatter/gather-heavy model (quick preset: 0.8 s vs 1.1 s per DB-MTL step).
             kwargs["vectorize_jacobian"] = False
-    m.compile(optimizer=keras.optimizers.Adam(cfg["lr"]), loss={t: "mse" for t in tasks},
+    if cfg.get("task_gradients_every", 1) != 1:
+        kwargs["task_gradients_every"] = cfg["task_gradients_every"]
+    if cfg.get("task_gradients", "parameters") != "parameters":
+        kwargs["task_gradients"] = cfg["task_gradients"]
+    m.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)), loss={t: "mse" for t in tasks},
               metrics=mae_metrics(d, tasks), balancer=balancer, **kwargs)
     return m
 
@@ -187,7 +220,7 @@ def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None, c
     keras.utils.set_random_seed(seed)
     train, val, test, steps = make_loaders(d, cfg, tasks, seed)
     name = name or (balancer if isinstance(balancer, str) else type(balancer).__name__.lower())
-    m = build_and_compile(d, cfg, tasks, balancer, name=name)
+    m = build_and_compile(d, cfg, tasks, balancer, name=name, steps_per_epoch=steps)
     if len(tasks) > 1:
         monitor, mode = "val_delta_p", "max"
         callbacks = [DeltaP({f"{t}_mae": val_baselines[t] for t in tasks})]
@@ -199,9 +232,11 @@ def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None, c
     timer = EpochTimer(monitor, log if verbose == 0 else None, prefix=f"  [{tag} seed {seed}] ",
                        curve_path=curve_path, meta=dict(balancer=tag, seed=seed, tasks=list(tasks),
                                                         config=cfg, backend=keras.backend.backend()))
-    callbacks += [keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=cfg["lr_factor"],
-                                                    patience=cfg["lr_patience"], min_lr=cfg["min_lr"]),
-                  keep, timer]
+    if cfg.get("schedule", "plateau") == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=cfg["lr_factor"],
+                                                           patience=cfg["lr_patience"], min_lr=cfg["min_lr"]))
+    balance = balance_monitor(m)
+    callbacks += [keep, timer] + ([balance] if balance is not None else [])
     if verbose == 1 and len(tasks) > 1:  # Keras' bar would print ~4 keys per task at every update
         from applications.experiment import compact_progbar
 
@@ -214,6 +249,7 @@ def fit_one(d, cfg, tasks, balancer, seed, val_baselines, verbose=0, log=None, c
     res = m.evaluate(test, return_dict=True, verbose=0)
     test_mae = {t: float(res[f"{t}_mae"]) for t in tasks}
     info = dict(best_epoch=(keep.best_epoch + 1) if keep.best_epoch is not None else None,
+                cosines=[c.tolist() for c in balance.cosines] if balance is not None else None,
                 best_monitor=keep.best, monitor=monitor, train_seconds=train_seconds,
                 eval_seconds=time.perf_counter() - t0, epoch_seconds=timer.times,
                 train_seconds_per_epoch=timer.train_times, steps_per_epoch=steps)
@@ -341,7 +377,8 @@ def main(args, command, plan):
     """Run what the CLI asked for (``args`` from ``__main__.parser``; ``plan`` the checked
     ``applications.experiment.Plan``: balancer settings, seeds, output folder)."""
     cfg = dict(PRESETS[args.preset])
-    for key in ("epochs", "batch_size", "edges", "dim", "lr_patience"):
+    for key in ("epochs", "batch_size", "edges", "dim", "lr", "schedule", "lr_patience", "task_gradients_every",
+                "task_gradients"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     if args.subset is not None:
@@ -356,7 +393,7 @@ def main(args, command, plan):
 
     baselines_file = args.baselines or (os.path.join(out, f"stl_baselines_{args.preset}.json")
                                         if args.stl else baselines_path(args.preset))
-    if plan.settings and not args.stl and not os.path.isfile(baselines_file):
+    if plan.settings and not args.stl and not args.prepare_data and not os.path.isfile(baselines_file):
         raise FileNotFoundError(f"STL baselines {baselines_file} do not exist: pass --stl to train them, or "
                                 "--baselines FILE.")
     timings = {}
@@ -367,7 +404,7 @@ def main(args, command, plan):
     d = qdata.load_qm9(cache_dir=args.cache_dir, split_seed=args.split_seed, subset=cfg["subset"],
                        features=args.features, rebuild=args.rebuild_cache)
     timings["data_seconds"] = time.perf_counter() - t0
-    if getattr(args, "prepare_data", False):
+    if args.prepare_data:
         size = os.path.getsize(d.info["cache"]) / 2**20
         log(f"data: {d}; cache {d.info['cache']} ({size:.1f} MiB) ready: run with --cache-dir "
             f"{os.path.dirname(d.info['cache'])}")
@@ -428,12 +465,20 @@ def main(args, command, plan):
             plot_results(rows, baselines, results, png)
         except ImportError as err:  # matplotlib is optional: the JSON and table hold every number
             png = f"(no plot: {err})"
+        from applications.qm9 import report as qreport
+
+        methods = qreport.group({(label, r["seed"]): r for label, rs in results.items() for r in rs})
+        merged = qreport.markdown(methods, "Per method, over seeds (sample std)", f"Command: `{command}`", out)
+        spread = qreport.difference_lines(methods)
         log("\nTest MAE (paper units) at the best validation-Δp epoch, mean over seeds:\n" + table)
         log("\n" + done["table"])
-        log(f"plot: {png}")
+        log("\n".join(spread))
+        log(f"plots: {png}, {os.path.join(out, 'curves.png')}"
+            + (f", {os.path.join(out, 'diagnostics.png')}" if "diagnostics.png" in merged else ""))
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(f"# QM9 ({args.preset} preset, {keras.backend.backend()} backend, seeds {seeds})\n\n")
-            f.write(f"Command: `{command}`\n\n{table}\n\n{done['table']}\nSTL baselines: `{baselines_file}`\n")
+            f.write(f"Command: `{command}`\n\nTest MAE in the paper's units, mean ± population std over seeds:\n\n"
+                    f"{table}\n\n{done['table']}\nSTL baselines: `{baselines_file}`\n\n#{merged}")
     timings["total_seconds"] = time.perf_counter() - t_start
     report["timings"] = timings
     log("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))

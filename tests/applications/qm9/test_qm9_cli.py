@@ -30,6 +30,12 @@ def no_data(monkeypatch):
     (["--grid", "dbmtl:beta=0.1||0.5"], "an empty value"),
     (["--subset", "10", "5"], "--subset takes"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--schedule", "step"], "invalid choice: 'step'"),
+    (["--task-gradients-every", "0"], "--task-gradients-every must be a positive integer, got 0"),
+    (["--task-gradients-every", "5"], "balancer ew: task_gradients='parameters', task_gradients_every=5 change how"),
+    (["--balancer", "dbmtl", "--task-gradients", "representation"],
+     "balancer dbmtl: task_gradients='representation' is not available for balancer 'dbmtl'"),
 ])
 def test_bad_arguments_fail_before_any_data_or_training(no_data, tmp_path, capsys, argv, needle):
     with pytest.raises(SystemExit) as stop:
@@ -72,3 +78,25 @@ def test_grid_runs_write_their_files_and_the_validation_winner(tmp_path):
     assert run["setting"]["kwargs"] == {"temperature": 4} and np.isfinite(run["delta_p"])
     assert run["val_delta_p"] == pytest.approx(max(run["history"]["val_delta_p"]))
     assert set(report["runs"]) == {"dwa[temperature=1]", "dwa[temperature=4]"}
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="one backend covers the CLI path")
+def test_medium_preset_trains_an_amortised_dbmtl_labelled_as_such_and_prepare_data_needs_no_baselines(tmp_path):
+    cache = tmp_path / "cache"
+    (tmp_path / "csv").mkdir()
+    write_cli_cache(tmp_path / "csv", cache)
+    common = ["--preset", "medium", "--subset", "12", "6", "6", "--cache-dir", str(cache)]
+    # no stl_baselines_medium.json is needed to prepare the data
+    prepared = cli.main(common + ["--prepare-data", "--out", str(tmp_path / "prep")])
+    assert prepared["n"] == dict(train=12, val=6, test=6)
+    baselines = tmp_path / "stl.json"
+    baselines.write_text(json.dumps(dict(test={t: 1.0 for t in data.TARGETS}, val=None)))
+    out = tmp_path / "out"
+    report = cli.main(common + ["--epochs", "2", "--dim", "8", "--batch-size", "4", "--balancer", "dbmtl",
+                                "--task-gradients-every", "2", "--seeds", "0", "--baselines", str(baselines),
+                                "--out", str(out)])
+    run = json.loads((out / "run_dbmtl-every2_seed0.json").read_text())
+    assert run["config"]["schedule"] == "cosine" and run["config"]["task_gradients_every"] == 2
+    assert run["setting"]["label"] == "dbmtl-every2" and set(report["runs"]) == {"dbmtl-every2"}
+    assert len(run["cosines"]) == 2 and len(run["history"]["val_delta_p"]) == 2
+    assert "diagnostics.png" in (out / "results.md").read_text()

@@ -80,3 +80,33 @@ def test_progress_bar_summarises_the_per_task_keys(tiny, capsys):
     assert "val_delta_p" in bar and "3 tasks" in bar
     assert "mu_loss" not in bar and "alpha_mae" not in bar  # in History, not in the bar
     assert "mu_loss" in hist and "val_alpha_mae" in hist
+
+
+def test_cosine_schedule_anneals_from_lr_to_min_lr_over_all_steps():
+    cfg = dict(CFG, lr=2e-3, min_lr=1e-5, epochs=10, schedule="cosine")
+    schedule = train.learning_rate(cfg, steps_per_epoch=5)   # 50 steps in all
+    for step in (0, 10, 25, 40, 50):
+        # closed form: min + (lr - min) (1 + cos(pi step / 50)) / 2
+        want = 1e-5 + (2e-3 - 1e-5) * 0.5 * (1.0 + math.cos(math.pi * step / 50))
+        got = float(keras.ops.convert_to_numpy(schedule(step)))
+        assert got == pytest.approx(want, rel=1e-5), step
+    assert train.learning_rate(dict(cfg, schedule="plateau"), 5) == 2e-3
+    with pytest.raises(ValueError, match="schedule must be 'plateau' or 'cosine'; received 'step'"):
+        train.learning_rate(dict(cfg, schedule="step"), 5)
+
+
+def test_gradient_level_runs_keep_the_cosines_of_the_task_gradients(tiny):
+    cfg = dict(CFG, epochs=2, schedule="cosine")
+    _, hist, _, info = train.fit_one(tiny, cfg, TASKS, "dbmtl", seed=0, val_baselines={t: 1.0 for t in TASKS})
+    assert len(info["cosines"]) == 2
+    for epoch, matrix in enumerate(info["cosines"]):
+        matrix = np.asarray(matrix)
+        assert matrix.shape == (3, 3)
+        np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-5)
+        np.testing.assert_allclose(matrix, matrix.T, atol=1e-6)
+        assert np.all(np.abs(matrix) <= 1.0 + 1e-5)
+        # the History's mean cosine is the mean of the 3 pairs of that epoch's (step-averaged) matrix
+        assert hist["mean_cosine"][epoch] == pytest.approx(matrix[np.triu_indices(3, 1)].mean(), abs=1e-5)
+    _, _, _, info = train.fit_one(tiny, dict(cfg, epochs=1), TASKS, "ew", seed=0,
+                                  val_baselines={t: 1.0 for t in TASKS})
+    assert info["cosines"] is None   # EW forms no task gradients: nothing to monitor
