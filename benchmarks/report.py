@@ -699,8 +699,8 @@ def _model_description(model):
         c = common.CONV
         return (f"{c['size']}×{c['size']}×3 → Conv {c['channels'][0]}, {c['channels'][1]} s2, {c['channels'][2]} s2, "
                 f"GAP, Dense {c['dense']}; heads: 10-class CE + 2 MSE; batch {c['batch']}")
-    if model == "qm9":
-        s = common.qm9_size()
+    if common.is_qm9(model):
+        s = common.qm9_size(model)
         return (f"applications/qm9 MPNN, dim {s['dim']}, edge network {s['edge_hidden']}, out {s['out_dim']}, "
                 f"{s['edges']} edges, batch {s['batch']} synthetic molecules of 9-27 atoms ({s['source']})")
     return ""

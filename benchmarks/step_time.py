@@ -218,11 +218,11 @@ def main(backend=None, modes=None, models=None, balancers=None, core_models=(), 
         if common.BACKEND_OF_MODE[mode] != backend:
             raise ValueError(f"mode {mode!r} needs backend {common.BACKEND_OF_MODE[mode]!r}")
         for model_name, names in plan:
-            if model_name == "qm9" and not common.qm9_available():
-                results.append({"model": "qm9", "mode": mode, "backend": backend, "pending": True})
+            if common.is_qm9(model_name) and not common.qm9_available():
+                results.append({"model": model_name, "mode": mode, "backend": backend, "pending": True})
                 continue
             if mode == "tf-eager":  # not a compiled step: EW and DB-MTL only, and no QM9 (seconds per step)
-                if model_name == "qm9" or (eager_models is not None and model_name not in eager_models):
+                if common.is_qm9(model_name) or (eager_models is not None and model_name not in eager_models):
                     continue
                 names = [n for n in names if n in ("ew", "dbmtl")]
             t0 = time.perf_counter()
