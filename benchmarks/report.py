@@ -243,6 +243,71 @@ def _run_peak(r):
 # --------------------------------------------------------------------------- markdown
 
 
+PEAK_COMMAND = ("python benchmarks/memory.py --configs keras:BACKEND:MODE:qm9-paper:ew,keras:BACKEND:MODE:qm9-paper:"
+                "dbmtl,... --json benchmarks/results/qm9_paper_memory/memory_after.json")
+
+
+def _peak_by_mode(payload):
+    peaks = {}
+    for r in payload.get("results", []):
+        if "error" not in r:
+            peaks.setdefault(r["mode"], {})[r["method"]] = r["peak_mb"]
+    return peaks
+
+
+def _qm9_paper_memory(folder, add):
+    """Issue 18's peak-memory table (the paper's QM9 model, EW / DB-MTL, before and after the sequential rows) and
+    the step times behind it, from benchmarks/results/qm9_paper_memory/ when present."""
+    before_path, after_path = os.path.join(folder, "memory_before.json"), os.path.join(folder, "memory_after.json")
+    if not (os.path.exists(before_path) and os.path.exists(after_path)):
+        return
+    before, after = _peak_by_mode(common.read_json(before_path)), _peak_by_mode(common.read_json(after_path))
+    add("### DB-MTL / EW peak memory on the paper's QM9 model (qm9-paper)")
+    add("")
+    add("The paper's MPNN (dim 64, edge network 128, complete graphs, Set2Set 3) at batch 32 (`qm9-paper`); `peak` = "
+        "the process's peak RSS (MB) from the framework's import to the last of 3 timed steps (`peak_mb` of "
+        "`benchmarks/memory.py`, one fresh process per cell). *Before*: the T = 11 Jacobian rows pulled by an "
+        "unrolled Python loop (JAX and TF XLA keep the 11 backward passes alive together, TF graph as well); "
+        "*after*: one sequential map over the one-hot cotangents (`jax.lax.map`, `tf.map_fn` with "
+        "parallel_iterations=1; torch unchanged). Commands: `" + PEAK_COMMAND + "` on the code before "
+        "(`memory_before.json`) and after (`memory_after.json`).")
+    add("")
+    rows = []
+    for mode in ("torch", "tf-graph", "tf-xla", "jax"):
+        b, a = before.get(mode, {}), after.get(mode, {})
+        cells = [MODE_LABEL.get(mode, mode)]
+        for peaks in (b, a):
+            ew, db = peaks.get("ew"), peaks.get("dbmtl")
+            cells += [_fmt(ew, 0), _fmt(db, 0), _fmt(db / ew) if ew and db else "–"]
+        rows.append(cells)
+    add(_table(["mode", "EW before", "DB-MTL before", "ratio before", "EW after", "DB-MTL after", "ratio after"],
+               rows))
+    add("")
+    steps = _load(folder, "step_")
+    trows = []
+    for payload in steps.values():
+        for res in payload.get("results", []):
+            if res.get("pending"):
+                continue
+            by = {r["balancer"]: r for r in res["rows"]}
+            seq, unrolled = by.get("dbmtl"), by.get("dbmtl[unrolled]")
+            if seq is None or unrolled is None:
+                continue
+            trows.append([MODE_LABEL.get(res["mode"], res["mode"]), _fmt(res["ew_ms"], 0), _fmt(unrolled["ms"], 0),
+                          _fmt(seq["ms"], 0), _fmt(unrolled["ratio_to_ew"]), _fmt(seq["ratio_to_ew"]),
+                          _fmt(res["floor"]), str(seq["samples"])])
+    if trows:
+        add("CPU step time (ms, median CPU time, 1 thread, calls interleaved in one process) of the same model: "
+            "DB-MTL with the rows unrolled (`dbmtl[unrolled]`, before) and with the sequential map (after), "
+            "`python benchmarks/step_time.py --backend B --models qm9-paper --balancers ew,dbmtl "
+            "--jacobian-variants unrolled --repeats 4 --rounds 2 --json benchmarks/results/qm9_paper_memory/"
+            "step_B.json`.")
+        add("")
+        add(_table(["mode", "EW ms", "DB-MTL unrolled ms", "DB-MTL map ms", "unrolled / EW", "map / EW", "floor",
+                    "samples"], trows))
+        add("")
+
+
 def write(out_dir, results_md, fig_dir, command):
     step = _load(out_dir, "step_")
     jac = _load(out_dir, "jacobian_")
@@ -493,6 +558,8 @@ def write(out_dir, results_md, fig_dir, command):
     if path in figures:
         add("![memory](" + os.path.relpath(path, md_dir) + ")")
         add("")
+
+    _qm9_paper_memory(os.path.join(out_dir, "qm9_paper_memory"), add)
 
     # ---------------------------------------------------------------- jacobian
     add("## 4. The per-task Jacobian: looped against vectorised")
