@@ -1,5 +1,5 @@
-"""The task Jacobian of `keras_dbmtl.gradients.task_gradients`, each way its rows can be pulled (the looped default:
-on JAX one `lax.map` over the one-hot cotangents, SEQUENTIAL_ROWS; the unrolled Python loop; the vectorised map),
+"""The task Jacobian of `keras_dbmtl.gradients.task_gradients`, looped (on JAX and TensorFlow one sequential map over
+the one-hot cotangents, SEQUENTIAL_ROWS) and with the rows unrolled in a Python loop, compiled as in the train step,
 against the float64 numpy Jacobian of a small tanh network with T weighted MSE heads whose losses and gradients
 span orders of magnitude."""
 
@@ -42,7 +42,21 @@ def numpy_gradients(X, Y, weights, encoder, heads):
     return np.array(rows), own
 
 
-def keras_gradients(X, Y, weights, encoder, heads, vectorize):
+def compilers():
+    """How the train step runs: jax.jit; tf.function as a graph and under XLA; torch eagerly."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return [jax.jit]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [tf.function, lambda f: tf.function(f, jit_compile=True)]
+    return [lambda f: f]
+
+
+def keras_gradients(X, Y, weights, encoder, heads, vectorize, compiler):
     x = keras.ops.convert_to_tensor(X)
     ys = [keras.ops.convert_to_tensor(y) for y in Y]
 
@@ -56,11 +70,7 @@ def keras_gradients(X, Y, weights, encoder, heads, vectorize):
         result = gradients.task_gradients(forward, encoder.weights, [h.weights for h in heads], vectorize=vectorize)
         return result.shared_blocks, result.task_gradients
 
-    if keras.backend.backend() == "jax":   # compiled, as in the train step
-        import jax
-
-        run = jax.jit(run)
-    blocks, own = run()
+    blocks, own = compiler(run)()
     T = len(heads)
     rows = np.concatenate([np.asarray(keras.ops.convert_to_numpy(g), np.float64).reshape(T, -1) for g in blocks],
                           axis=1)
@@ -74,21 +84,24 @@ def assert_rows_close(got, expected, rtol):
         np.testing.assert_allclose(g, e, rtol=0, atol=rtol * np.linalg.norm(e))
 
 
+@pytest.mark.parametrize("compiler_index", [0, 1])
 @pytest.mark.parametrize("num_tasks", [1, 11])
-def test_every_way_of_pulling_rows_gives_the_numpy_jacobian(num_tasks, monkeypatch):
+def test_every_way_of_pulling_rows_gives_the_numpy_jacobian(num_tasks, compiler_index, monkeypatch):
+    if compiler_index >= len(compilers()):
+        pytest.skip("one compiled mode on this backend")
+    compiler = compilers()[compiler_index]
     problem = make_problem(num_tasks)
     expected_rows, expected_own = numpy_gradients(*problem)
     if num_tasks > 1:   # gradient norms spanning orders of magnitude
         norms = np.linalg.norm(expected_rows, axis=1)
         assert norms.max() / norms.min() > 1e4
 
-    looped, looped_own = keras_gradients(*problem, vectorize=False)
+    looped, looped_own = keras_gradients(*problem, vectorize=False, compiler=compiler)
     monkeypatch.setattr(gradients.backend_module(), "SEQUENTIAL_ROWS", False, raising=False)
-    unrolled, _ = keras_gradients(*problem, vectorize=False)
+    unrolled, _ = keras_gradients(*problem, vectorize=False, compiler=compiler)
     monkeypatch.undo()
-    vectorised, _ = keras_gradients(*problem, vectorize=True)
 
-    for rows in (looped, unrolled, vectorised):
+    for rows in (looped, unrolled):
         assert_rows_close(rows, expected_rows, 1e-5)
     assert_rows_close(looped, unrolled, 1e-6)    # the sequential map against the unrolled loop
     assert_rows_close(looped_own, expected_own, 1e-5)
