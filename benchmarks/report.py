@@ -312,9 +312,9 @@ def _qm9_paper_memory(folder, add):
         add("CPU step time (ms, median CPU time, 1 thread, calls interleaved in one process): DB-MTL with the rows "
             "unrolled (`dbmtl[unrolled]`, before) and with the sequential map (after), `python "
             "benchmarks/step_time.py --backend B --models M --balancers ew,dbmtl --jacobian-variants unrolled "
-            "--repeats 6 --rounds 3 --json benchmarks/results/qm9_paper_memory/step_M_B.json`. On `qm9` (the quick "
-            "preset: dim 32, edge network 64, bonded edges, batch 64): `qm9-paper` with the unrolled JAX step (~6 GB) "
-            "beside the others did not fit the shared machine's free memory (killed by the OOM killer); still to do.")
+            "--repeats 6 --rounds 3 --json benchmarks/results/qm9_paper_memory/step_M_B.json` (`qm9`: the quick "
+            "preset, dim 32, edge network 64, bonded edges, batch 64; qm9-paper with --repeats 3). Measured on a "
+            "machine loaded by other jobs: CPU time per step, the columns of a row interleaved.")
         add("")
         add(_table(["model", "mode", "EW ms", "DB-MTL unrolled ms", "DB-MTL map ms", "unrolled / EW", "map / EW", "floor",
                     "samples"], trows))
