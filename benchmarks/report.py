@@ -270,8 +270,9 @@ def _qm9_paper_memory(folder, add):
         "`benchmarks/memory.py`, one fresh process per cell). *Before*: the T = 11 Jacobian rows pulled by an "
         "unrolled Python loop (JAX and TF XLA keep the 11 backward passes alive together, TF graph as well); "
         "*after*: one sequential map over the one-hot cotangents (`jax.lax.map`, `tf.map_fn` with "
-        "parallel_iterations=1; torch unchanged). Commands: `" + PEAK_COMMAND + "` on the code after; `memory_before.json`: the same "
-        "on commit 8660c64's package (the rows unrolled) with this change's `benchmarks/`.")
+        "parallel_iterations=1; torch unchanged). Commands: `" + PEAK_COMMAND + "` on the code after; "
+        "`memory_before.json`: the same on commit 8660c64's package (the rows unrolled) with this change's "
+        "`benchmarks/`.")
     add("")
     rows = []
     for mode in ("torch", "tf-graph", "tf-xla", "jax"):
@@ -305,8 +306,8 @@ def _qm9_paper_memory(folder, add):
             seq, unrolled = by.get("dbmtl"), by.get("dbmtl[unrolled]")
             if seq is None or unrolled is None:
                 continue
-            trows.append([res["model"], MODE_LABEL.get(res["mode"], res["mode"]), _fmt(res["ew_ms"], 0), _fmt(unrolled["ms"], 0),
-                          _fmt(seq["ms"], 0), _fmt(unrolled["ratio_to_ew"]), _fmt(seq["ratio_to_ew"]),
+            trows.append([res["model"], MODE_LABEL.get(res["mode"], res["mode"]), _fmt(res["ew_ms"], 0),
+                          _fmt(unrolled["ms"], 0), _fmt(seq["ms"], 0), _fmt(unrolled["ratio_to_ew"]), _fmt(seq["ratio_to_ew"]),
                           _fmt(res["floor"]), str(seq["samples"])])
     if trows:
         add("CPU step time (ms, median CPU time, 1 thread, calls interleaved in one process): DB-MTL with the rows "
@@ -316,8 +317,8 @@ def _qm9_paper_memory(folder, add):
             "preset, dim 32, edge network 64, bonded edges, batch 64; qm9-paper with --repeats 3). Measured on a "
             "machine loaded by other jobs: CPU time per step, the columns of a row interleaved.")
         add("")
-        add(_table(["model", "mode", "EW ms", "DB-MTL unrolled ms", "DB-MTL map ms", "unrolled / EW", "map / EW", "floor",
-                    "samples"], trows))
+        add(_table(["model", "mode", "EW ms", "DB-MTL unrolled ms", "DB-MTL map ms", "unrolled / EW", "map / EW",
+                    "floor", "samples"], trows))
         add("")
 
 
