@@ -143,8 +143,8 @@ def main(backend=None, modes=None, models=None, repeats=10, rounds=5, warmup=1, 
     results = []
     for mode in modes:
         for model_name in models:
-            if model_name == "qm9" and not common.qm9_available():
-                results.append({"model": "qm9", "mode": mode, "backend": backend, "pending": True})
+            if common.is_qm9(model_name) and not common.qm9_available():
+                results.append({"model": model_name, "mode": mode, "backend": backend, "pending": True})
                 continue
             t0 = time.perf_counter()
             result = time_model(model_name, mode, repeats, rounds, warmup)

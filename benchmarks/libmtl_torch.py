@@ -62,8 +62,8 @@ def _torch_modules(model_name):
         heads = [("cls", nn.Linear(d, common.CONV["classes"]), cross_entropy),
                  ("reg1", nn.Linear(d, 1), mse), ("reg2", nn.Linear(d, 1), mse)]
         return encoder, heads
-    if model_name == "qm9":
-        size = common.qm9_size()
+    if common.is_qm9(model_name):
+        size = common.qm9_size(model_name)
         encoder = TorchMPNN(size["dim"], size["edge_hidden"], size["steps"], size["set2set_steps"], size["out_dim"])
         heads = [(t, nn.Linear(size["out_dim"], 1), mse) for t in common.QM9_TASKS]
         return encoder, heads
@@ -281,8 +281,8 @@ def main(models=None, repeats=10, rounds=5, warmup=1, out=None):
     models = common.parse_models(models) if isinstance(models, (str, type(None))) else list(models)
     results = []
     for model_name in models:
-        if model_name == "qm9" and not common.qm9_available():
-            results.append({"model": "qm9", "pending": True})
+        if common.is_qm9(model_name) and not common.qm9_available():
+            results.append({"model": model_name, "pending": True})
             continue
         t0 = time.perf_counter()
         result = time_model(model_name, repeats, rounds, warmup)

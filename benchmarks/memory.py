@@ -7,6 +7,8 @@ A child process imports its framework, makes the batch, then resets the kernel's
   (includes the compiler's own memory: XLA, tf.function tracing);
 - `step_peak_mb`: after the warm-up, the counter is reset again and N more steps run: VmHWM - RSS at the reset,
   the transient memory of a step (activations, the T x P Jacobian, temporaries);
+- `peak_mb`: the process's peak RSS from the first reset on (framework imported, batch made) to the last step,
+  max(RSS before + setup peak, RSS after setup + step peak): what the issue 18 memory table compares;
 - `state_mb`: the exact size of the persistent training state (Keras: every model and optimizer variable,
   including the balancer's EMA buffer; plain torch: parameters, .grad, Adam moments, the EMA buffer).
 
@@ -96,7 +98,8 @@ def child(impl, backend, mode, model_name, method, steps=3):
     return {
         "impl": impl, "backend": backend, "mode": mode, "model": model_name, "method": method,
         "num_tasks": common.num_tasks_of(model_name),
-        "setup_peak_mb": setup_peak, "step_peak_mb": step_peak, "state_mb": state_bytes / 2**20,
+        "setup_peak_mb": setup_peak, "step_peak_mb": step_peak, "peak_mb": max(rss0 + setup_peak, rss1 + step_peak),
+        "state_mb": state_bytes / 2**20,
         "rss_before_mb": rss0, "rss_after_setup_mb": rss1, "counter": counter, "seconds": time.perf_counter() - t0,
     }
 
@@ -145,8 +148,8 @@ def run(configs, parallel=1, steps=3, threads=common.DEFAULT_THREADS, timeout=60
             if lines:
                 results.append(json.loads(lines[-1][len(MARK):]))
                 r = results[-1]
-                common.log(f"[memory {config}] step peak {r['step_peak_mb']:.1f} MB, setup peak "
-                           f"{r['setup_peak_mb']:.1f} MB, state {r['state_mb']:.2f} MB")
+                common.log(f"[memory {config}] peak {r['peak_mb']:.0f} MB, step peak {r['step_peak_mb']:.1f} MB, "
+                           f"setup peak {r['setup_peak_mb']:.1f} MB, state {r['state_mb']:.2f} MB")
             else:
                 results.append({**parse_config(config), "error": (err or "no output").strip().splitlines()[-1:]})
                 common.log(f"[memory {config}] FAILED: {results[-1]['error']}")

@@ -8,7 +8,9 @@ ms per step, ratio to EW, and the floor of a method that needs T per-task backwa
     floor = (F + T * B) / (F + B),   F = forward time, B = (forward + backward time) - F,
 
 measured on the same model, batch and backend. DB-MTL is also timed with the non-default Jacobian computation
-(`vectorize_jacobian` flipped), so the looped and the vectorised Jacobian are compared inside full steps.
+(`vectorize_jacobian` flipped), so the looped and the vectorised Jacobian are compared inside full steps, and on
+backends that pull the looped Jacobian's rows in a sequential map (SEQUENTIAL_ROWS: JAX, TensorFlow) with the
+rows unrolled in a Python loop instead (`dbmtl[unrolled]`, the step before the map; `--jacobian-variants`).
 
     KERAS_BACKEND is set by --backend:  python benchmarks/step_time.py --backend jax --models dense-T3 --json out.json
 """
@@ -76,6 +78,30 @@ def host_round_trips(model, runner, mode):
     return None
 
 
+def _has_sequential_rows(backend):
+    from keras_dbmtl import gradients
+
+    return bool(getattr(gradients.backend_module(backend), "SEQUENTIAL_ROWS", False))
+
+
+class _UnrolledRows:
+    """While active (the model is built, compiled and traced), the looped Jacobian's rows are pulled by an
+    unrolled Python loop instead of the backend's sequential map."""
+
+    def __init__(self, backend, active):
+        from keras_dbmtl import gradients
+
+        self.module, self.active = gradients.backend_module(backend), active
+
+    def __enter__(self):
+        if self.active:
+            self.module.SEQUENTIAL_ROWS = False
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.module.SEQUENTIAL_ROWS = True
+
+
 def time_model(model_name, mode, balancers, repeats, rounds, warmup, budget_s=None, jacobian_variants=True,
                overhead=False, check_host=False):
     """Times one model under one mode. Returns a dict (rows per balancer + floor)."""
@@ -86,18 +112,24 @@ def time_model(model_name, mode, balancers, repeats, rounds, warmup, budget_s=No
     num_tasks = common.num_tasks_of(model_name)
     functions, info, errors = {}, {}, {}
     default_vec = _default_vectorize(backend)
+    variants = {"vectorize"} if jacobian_variants is True else set(jacobian_variants or ())
     configs = [(b, None) for b in balancers]
-    if jacobian_variants and "dbmtl" in balancers:
+    if "vectorize" in variants and "dbmtl" in balancers:
         configs.append(("dbmtl", not default_vec))
+    if "unrolled" in variants and "dbmtl" in balancers and not default_vec and _has_sequential_rows(backend):
+        configs.append(("dbmtl", "unrolled"))
     models = {}
     for balancer, vectorize in configs:
-        key = balancer if vectorize is None else f"dbmtl[vectorize={vectorize}]"
+        key = balancer if vectorize is None else (
+            "dbmtl[unrolled]" if vectorize == "unrolled" else f"dbmtl[vectorize={vectorize}]")
         t0 = time.perf_counter()
         try:
-            model, losses = common.build_keras_model(model_name)
-            common.compile_model(model, losses, mode, balancer=balancer, vectorize=vectorize)
-            runner = common.TrainFunctionRunner(model, x, y)
-            runner()  # a second step: anything traced lazily on step 2 (state-dependent branches) is compiled now
+            with _UnrolledRows(backend, vectorize == "unrolled"):
+                model, losses = common.build_keras_model(model_name)
+                common.compile_model(model, losses, mode, balancer=balancer,
+                                     vectorize=False if vectorize == "unrolled" else vectorize)
+                runner = common.TrainFunctionRunner(model, x, y)
+                runner()  # a second step: anything traced lazily on step 2 (state-dependent branches) is compiled
         except Exception as exc:  # a balancer that fails here is reported, not fatal
             errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             common.log(f"  [{mode} {model_name}] {key} FAILED: {errors[key]}")
@@ -218,11 +250,11 @@ def main(backend=None, modes=None, models=None, balancers=None, core_models=(), 
         if common.BACKEND_OF_MODE[mode] != backend:
             raise ValueError(f"mode {mode!r} needs backend {common.BACKEND_OF_MODE[mode]!r}")
         for model_name, names in plan:
-            if model_name == "qm9" and not common.qm9_available():
-                results.append({"model": "qm9", "mode": mode, "backend": backend, "pending": True})
+            if common.is_qm9(model_name) and not common.qm9_available():
+                results.append({"model": model_name, "mode": mode, "backend": backend, "pending": True})
                 continue
             if mode == "tf-eager":  # not a compiled step: EW and DB-MTL only, and no QM9 (seconds per step)
-                if model_name == "qm9" or (eager_models is not None and model_name not in eager_models):
+                if common.is_qm9(model_name) or (eager_models is not None and model_name not in eager_models):
                     continue
                 names = [n for n in names if n in ("ew", "dbmtl")]
             t0 = time.perf_counter()
@@ -260,6 +292,10 @@ def _cli(argv=None):
     parser.add_argument("--budget-s", type=float, default=None, help="per model and mode, after compilation")
     parser.add_argument("--overhead-model", default=None, help="also time train_on_batch for EW/DB-MTL on this model")
     parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS, help="0: each framework's default")
+    parser.add_argument("--jacobian-variants", default="vectorize",
+                        help="DB-MTL variants timed beside it: comma list of vectorize (the non-default "
+                             "vectorize_jacobian), unrolled (the looped rows unrolled instead of the sequential map), "
+                             "or none")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     common.use_backend(args.backend, args.threads)
@@ -267,7 +303,7 @@ def _cli(argv=None):
          balancers=args.balancers.split(",") if args.balancers else None, repeats=args.repeats, rounds=args.rounds,
          warmup=args.warmup, budget_s=args.budget_s, overhead_model=args.overhead_model,
          core_models=[m for m in args.core_models.split(",") if m], check_host_model=args.check_host_model,
-         out=args.json)
+         jacobian_variants=[v for v in args.jacobian_variants.split(",") if v not in ("", "none")], out=args.json)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ uses; this is the only place that asks which backend runs (`backend_module`):
         Runs forward() -> (outputs: tuple of tensors, aux) once; `pull(cotangents, indices, batched=False)`
         returns the gradients of sum_i <cotangents[i], outputs[i]> with respect to `variables[j]` for j in
         `indices` (zeros where unconnected). With `batched=True` each cotangent has a leading axis of size B and
-        the result is one (B, *shape) block per variable (the backend's vectorised map).
+        the result is one (B, *shape) block per variable (the backend's vectorised map); with
+        `batched="sequential"` (backends with SEQUENTIAL_ROWS = True) the same blocks, the B rows pulled one after
+        another in a loop the compiler keeps sequential (JAX: `lax.map`), so that one backward pass's
+        temporaries are alive at a time.
     replica_mean(values): the mean over the data-parallel replicas of a list of tensors (one all-reduce);
     global_losses(task_losses): inside the differentiated forward, losses whose value is the global batch's and
         whose gradient is the replica's own share; optimizer_gradients(grads): what `optimizer.apply` gets;
@@ -239,6 +242,9 @@ def _jacobian_blocks(pull, losses, regularization, num_shared, vectorize, indice
     if vectorize:
         zeros = ops.zeros((num_tasks,), dtype=regularization.dtype)
         return pull((eye, zeros), indices, batched=True)
+    if getattr(backend_module(), "SEQUENTIAL_ROWS", False):
+        zeros = ops.zeros((num_tasks,), dtype=regularization.dtype)
+        return pull((eye, zeros), indices, batched="sequential")
     zero = ops.zeros_like(regularization)
     rows = [pull((eye[t], zero), indices) for t in range(num_tasks)]
     return [ops.stack([row[i] for row in rows]) for i in range(len(indices))]

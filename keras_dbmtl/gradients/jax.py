@@ -13,6 +13,10 @@ from keras.src.backend.common.stateless_scope import StatelessScope, get_statele
 from keras import ops
 
 DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every CPU model measured (benchmarks/RESULTS.md)
+# The looped Jacobian as one `jax.lax.map` over the T one-hot cotangents (a while loop): XLA keeps the T backward
+# passes of an unrolled Python loop alive together (QM9 paper model: ~4.5 GB of temporaries instead of ~0.6 GB for
+# EW); the map holds one pass at a time (benchmarks/RESULTS.md, peak memory).
+SEQUENTIAL_ROWS = True
 
 
 def on_gpu():
@@ -62,11 +66,16 @@ def pullback(forward, variables, inputs=()):
 
     def pull(cotangents, indices, batched=False):
         indices = list(indices)
+
+        def chosen(rows):
+            grads = all_gradients(rows)
+            return [grads[i] for i in indices]
+
+        if batched == "sequential":   # one backward pass at a time: only one pass's temporaries are alive
+            return list(jax.lax.map(chosen, tuple(cotangents)))
         if batched:
-            grads = jax.vmap(all_gradients)(tuple(cotangents))
-        else:
-            grads = all_gradients(cotangents)
-        return [grads[i] for i in indices]
+            return jax.vmap(chosen)(tuple(cotangents))
+        return chosen(cotangents)
 
     return tuple(outputs), aux, pull
 

@@ -21,6 +21,10 @@ import tensorflow as tf
 from keras import ops
 
 DEFAULT_VECTORIZE = False
+# The looped Jacobian as one sequential tf.map_fn over the T one-hot cotangents: T tape.gradient calls in one graph
+# (or one XLA computation) keep the T backward passes' temporaries alive together (benchmarks/RESULTS.md, peak
+# memory).
+SEQUENTIAL_ROWS = True
 
 
 def _replica_context():
@@ -89,6 +93,8 @@ def pullback(forward, variables, inputs=()):
         chosen = [sources[i] for i in indices]
         if not chosen:
             return []
+        if batched == "sequential":
+            return _sequential_rows(tape, outputs, chosen, cotangents)
         if not batched:
             grads = tape.gradient(outputs, chosen, output_gradients=list(cotangents))
             return [_zeros(v) if g is None else g for g, v in zip(grads, chosen)]
@@ -99,6 +105,20 @@ def pullback(forward, variables, inputs=()):
                              experimental_use_pfor=True)
 
     return outputs, aux, pull
+
+
+def _sequential_rows(tape, outputs, chosen, cotangents):
+    """The B rows of `pull(..., batched=True)`, one `tape.gradient` per iteration of a `tf.map_fn` that runs one
+    iteration at a time (a while loop in the graph, an XLA while loop under jit_compile): only one backward pass's
+    temporaries are alive at once."""
+    signature = [tf.TensorSpec(v.shape, v.dtype) for v in chosen]
+
+    def row(row_cotangents):
+        grads = tape.gradient(outputs, chosen, output_gradients=list(row_cotangents),
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return [tf.convert_to_tensor(g) for g in grads]    # (IndexedSlices of a gather, dense)
+
+    return list(tf.map_fn(row, tuple(cotangents), fn_output_signature=signature, parallel_iterations=1))
 
 
 def _zeros(source):
