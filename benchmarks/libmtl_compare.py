@@ -64,9 +64,9 @@ REFERENCE = ("libmtl", "libmtl-once", "torchjd", "torchjd-once")
 SIDES = OURS + REFERENCE
 METHODS = ("ew", "dbmtl", "upgrad")
 # Which worker process runs a side (one framework per process: Keras fixes its backend at import).
-WORKER_OF = {"tf-xla": "tensorflow", "tf-graph": "tensorflow", "torch": "torch", "jax": "jax",
+WORKER_OF = {"tf-xla": "tensorflow", "tf-graph": "tensorflow-graph", "torch": "torch", "jax": "jax",
              "libmtl": "reference", "libmtl-once": "reference", "torchjd": "reference", "torchjd-once": "reference"}
-METHODS_OF = {"tf-graph": ("ew", "dbmtl"), "jax": ("ew", "dbmtl"),  # upgrad: on tf-xla and torch only (time)
+METHODS_OF = {"tf-graph": ("ew", "dbmtl"), "tf-xla": ("ew", "dbmtl"), "jax": ("ew", "dbmtl"),  # upgrad: torch only
               "libmtl": ("ew", "dbmtl"), "libmtl-once": ("ew", "dbmtl"), "torchjd": ("upgrad",),
               "torchjd-once": ("upgrad",)}
 PACKAGES_OF = {"libmtl": ("LibMTL", "torch_geometric"), "libmtl-once": ("LibMTL", "torch_geometric"),
@@ -409,9 +409,13 @@ def _read(proc):
     raise RuntimeError(f"worker exited (rc {proc.wait()})")
 
 
+def _backend_of(group):
+    return {"reference": "torch", "tensorflow-graph": "tensorflow"}.get(group, group)
+
+
 def _worker_env(group, threads):
     env = dict(os.environ)
-    env["KERAS_BACKEND"] = "torch" if group == "reference" else group
+    env["KERAS_BACKEND"] = _backend_of(group)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     return env
 
@@ -423,8 +427,8 @@ def start_worker(group, group_sides, methods, threads, warmup):
                             env=_worker_env(group, threads), cwd=os.path.dirname(HERE))
 
 
-def run_timing(sides, methods, rounds, per_round, threads, warmup):
-    groups, infos, procs, runnable = {}, {}, {}, []
+def run_timing(sides, methods, rounds, per_round, threads, warmup, save=None):
+    groups, infos, procs, runnable, samples = {}, {}, {}, [], {}
     for side in sides:
         missing = missing_packages(side)
         if missing:  # skipped here, without starting a worker
@@ -432,13 +436,14 @@ def run_timing(sides, methods, rounds, per_round, threads, warmup):
         else:
             groups.setdefault(WORKER_OF[side], []).append(side)
     try:
-        # One worker builds at a time (the builds hold the most memory; the workers then wait, idle).
+        # The workers build in parallel (their steps are timed only once all are ready).
         for group, group_sides in groups.items():
-            procs[group] = proc = start_worker(group, group_sides, methods, threads, warmup)
+            procs[group] = start_worker(group, group_sides, methods, threads, warmup)
+        for group, proc in procs.items():
             try:
                 ready = _read(proc)
             except RuntimeError as error:
-                for side in group_sides:
+                for side in groups[group]:
                     infos[side] = {"skipped": f"{side}: worker failed: {error}"}
                 continue
             infos.update(ready["infos"])
@@ -461,6 +466,8 @@ def run_timing(sides, methods, rounds, per_round, threads, warmup):
                 samples[name]["wall"] += out["wall"]
                 samples[name]["cpu"] += out["cpu"]
             common.log(f"[libmtl_compare] round {r + 1}/{rounds} done")
+            if save is not None:  # the rounds so far, in case the run is cut short
+                save(_timing_rows(sides, methods, infos, samples), r + 1)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -473,16 +480,21 @@ def run_timing(sides, methods, rounds, per_round, threads, warmup):
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+    return _timing_rows(sides, methods, infos, samples)
+
+
+def _timing_rows(sides, methods, infos, samples):
     rows = []
     for side, method in configurations(sides, methods):
         name = f"{side}:{method}"
         info = infos.get(name) or infos.get(side, {})
         row = {"side": side, "method": method, **info}
-        if name in samples:
+        if samples.get(name, {}).get("wall"):
             row["wall_ms"] = 1e3 * statistics.median(samples[name]["wall"])
             row["cpu_ms"] = 1e3 * statistics.median(samples[name]["cpu"])
             row["samples"] = len(samples[name]["wall"])
             row["wall_ms_all"] = [1e3 * v for v in samples[name]["wall"]]
+            row["cpu_ms_all"] = [1e3 * v for v in samples[name]["cpu"]]
         rows.append(row)
     return rows
 
@@ -546,11 +558,73 @@ def run_memory(sides, methods, threads, timeout=900):
     return rows
 
 
+# --------------------------------------------------------------------------- report
+
+WHOSE = {"tf-xla": "keras_dbmtl, TensorFlow jit_compile=True", "tf-graph": "keras_dbmtl, TensorFlow tf.function",
+         "torch": "keras_dbmtl, PyTorch (eager)", "jax": "keras_dbmtl, JAX (jax.jit)",
+         "libmtl": "LibMTL Trainer, PyG NNConv (edge net per step)",
+         "libmtl-once": "LibMTL Trainer, PyG NNConv, edge net once per forward",
+         "torchjd": "TorchJD mtl_backward + UPGrad, PyG (edge net per step)",
+         "torchjd-once": "TorchJD mtl_backward + UPGrad, PyG, edge net once per forward"}
+
+
+def _cell(row, clock):
+    if row is None:
+        return "—"
+    if "skipped" in row:
+        return "skipped"
+    return f"{row[clock]:,.0f}"
+
+
+def timing_table(payload, clock="cpu_ms"):
+    """Markdown: one line per side, EW / DB-MTL / UPGrad step times and ratios to LibMTL's."""
+    rows = {(r["side"], r["method"]): r for r in payload["rows"]}
+    sides = [s for s in SIDES if any(k[0] == s for k in rows)]
+
+    def value(side, method):
+        r = rows.get((side, method))
+        return r.get(clock) if r else None
+
+    lines = ["| side (whose code) | EW | DB-MTL | UPGrad | DB-MTL / EW | DB-MTL / LibMTL's | DB-MTL / LibMTL-once's |"
+             " EW / LibMTL's | EW / LibMTL-once's | UPGrad / TorchJD-once's |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for side in sides:
+        ew, db = value(side, "ew"), value(side, "dbmtl")
+
+        def ratio(a, b):
+            return f"{a / b:.2f}" if a and b else "—"
+
+        lines.append(f"| `{side}` ({WHOSE[side]}) | {_cell(rows.get((side, 'ew')), clock)} | "
+                     f"{_cell(rows.get((side, 'dbmtl')), clock)} | {_cell(rows.get((side, 'upgrad')), clock)} | "
+                     f"{ratio(db, ew)} | {ratio(db, value('libmtl', 'dbmtl'))} | "
+                     f"{ratio(db, value('libmtl-once', 'dbmtl'))} | {ratio(ew, value('libmtl', 'ew'))} | "
+                     f"{ratio(ew, value('libmtl-once', 'ew'))} | "
+                     f"{ratio(value(side, 'upgrad'), value('torchjd-once', 'upgrad'))} |")
+    return "\n".join(lines)
+
+
+def memory_table(payload):
+    rows = {(r["side"], r["method"]): r for r in payload["memory"]}
+    sides = [s for s in SIDES if any(k[0] == s for k in rows)]
+
+    def cell(side, method, key):
+        r = rows.get((side, method))
+        if r is None:
+            return "—"
+        return "skipped" if key not in r else f"{r[key]:,.0f}"
+
+    lines = ["| side | EW peak RSS | DB-MTL peak RSS | UPGrad peak RSS | EW step peak | DB-MTL step peak | "
+             "UPGrad step peak |", "|---|---|---|---|---|---|---|"]
+    for side in sides:
+        lines.append(f"| `{side}` | " + " | ".join(cell(side, m, "peak_rss_mb") for m in METHODS) + " | "
+                     + " | ".join(cell(side, m, "step_peak_mb") for m in METHODS) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- command line
 
 
 def _setup_process(group, threads):
-    common.use_backend("torch" if group == "reference" else group, threads)
+    common.use_backend(_backend_of(group), threads)
     if group == "reference":
         import torch
 
@@ -578,7 +652,13 @@ def main(sides=SIDES, methods=METHODS, rounds=5, per_round=1, threads=2, warmup=
         payload["memory"] = run_memory(list(sides), list(methods), threads)
     else:
         payload.update(rounds=rounds, per_round=per_round, warmup=warmup)
-        payload["rows"] = run_timing(list(sides), list(methods), rounds, per_round, threads, warmup)
+
+        def save(rows, done):
+            if out:
+                common.write_json(out, dict(payload, rows=rows, rounds_done=done, machine_after=common.machine_info()))
+
+        payload["rows"] = run_timing(list(sides), list(methods), rounds, per_round, threads, warmup, save)
+        payload["rounds_done"] = rounds
     payload["wall_s"] = time.perf_counter() - t0
     payload["machine_after"] = common.machine_info()
     if out:
@@ -596,6 +676,7 @@ def _cli(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="peak memory, one fresh process per configuration")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--report", default=None, help="print the markdown tables of these JSON files (comma list)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -604,6 +685,15 @@ def _cli(argv=None):
     unknown = [s for s in sides if s not in SIDES] + [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown sides/methods {unknown}; sides: {SIDES}, methods: {METHODS}")
+    if args.report:
+        for path in args.report.split(","):
+            payload = common.read_json(path)
+            if "rows" in payload:
+                print("CPU ms (median)\n\n" + timing_table(payload, "cpu_ms") + "\n\nwall ms (median)\n\n"
+                      + timing_table(payload, "wall_ms") + "\n")
+            if "memory" in payload:
+                print("MB\n\n" + memory_table(payload) + "\n")
+        return
     if args.worker:
         _setup_process(args.worker, args.threads)
         worker(sides, methods, args.warmup)
