@@ -459,10 +459,18 @@ def run_timing(sides, methods, rounds, per_round, threads, warmup, save=None):
         for r in range(rounds):
             order = runnable if r % 2 == 0 else list(reversed(runnable))
             for name in order:
-                proc = procs[WORKER_OF[name.split(":")[0]]]
-                proc.stdin.write(json.dumps({"cmd": "run", "name": name, "n": per_round}) + "\n")
-                proc.stdin.flush()
-                out = _read(proc)
+                group = WORKER_OF[name.split(":")[0]]
+                if "died" in infos.get(group, {}):
+                    continue
+                proc = procs[group]
+                try:
+                    proc.stdin.write(json.dumps({"cmd": "run", "name": name, "n": per_round}) + "\n")
+                    proc.stdin.flush()
+                    out = _read(proc)
+                except (BrokenPipeError, OSError, RuntimeError) as error:  # e.g. killed for memory: go on
+                    infos[group] = {"died": f"worker {group} died at {name} (rc {proc.poll()}): {error}"}
+                    common.log(f"[libmtl_compare] {infos[group]['died']}")
+                    continue
                 samples[name]["wall"] += out["wall"]
                 samples[name]["cpu"] += out["cpu"]
             common.log(f"[libmtl_compare] round {r + 1}/{rounds} done")
@@ -487,7 +495,7 @@ def _timing_rows(sides, methods, infos, samples):
     rows = []
     for side, method in configurations(sides, methods):
         name = f"{side}:{method}"
-        info = infos.get(name) or infos.get(side, {})
+        info = dict(infos.get(name) or infos.get(side, {}), **infos.get(WORKER_OF.get(side), {}))
         row = {"side": side, "method": method, **info}
         if samples.get(name, {}).get("wall"):
             row["wall_ms"] = 1e3 * statistics.median(samples[name]["wall"])
