@@ -34,10 +34,10 @@ resident set size over building, 2 warm-up steps and 3 more steps, and the trans
 Missing optional packages (LibMTL, torch_geometric, torchjd) skip their side with a message; nothing fails.
 Install them outside the project's environment, e.g.
 
-    pip install --no-deps --target /work/benchdeps LibMTL torch_geometric torchjd xxhash psutil quadprog qpsolvers
-    PYTHONPATH=/work/benchdeps:$PWD nice -n 15 python benchmarks/libmtl_compare.py --rounds 5 \
+    pip install --no-deps --target $BENCHDEPS LibMTL torch_geometric torchjd xxhash psutil quadprog qpsolvers
+    PYTHONPATH=$BENCHDEPS:$PWD nice -n 15 python benchmarks/libmtl_compare.py --rounds 5 \
         --json benchmarks/results_libmtl/step_time.json
-    PYTHONPATH=/work/benchdeps:$PWD nice -n 15 python benchmarks/libmtl_compare.py --memory \
+    PYTHONPATH=$BENCHDEPS:$PWD nice -n 15 python benchmarks/libmtl_compare.py --memory \
         --json benchmarks/results_libmtl/memory.json
 """
 
@@ -191,7 +191,8 @@ def import_libmtl():
         note = " (LibMTL.model, its torchvision ResNets, not imported)"
     import LibMTL
 
-    return f"LibMTL from {os.path.dirname(LibMTL.__file__)}{note}"
+    where = "LIBMTL_SRC" if source else "the installed package"
+    return f"LibMTL from {where}{note}"
 
 
 def dbmtl_weighting():
