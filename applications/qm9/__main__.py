@@ -89,6 +89,19 @@ def check_args(p, args):
             p.error(str(err))
 
 
+def preset_balancer_args(args, preset):
+    """The preset's balancer arguments (e.g. the quick preset's validated DB-MTL beta) for every balancer to be trained
+    that the command line gives no arguments or grid of its own; the run's label shows them (``dbmtl[beta=0.1]``)."""
+    balancers = args.balancer or args._experiment_defaults["balancers"]
+    named = set()
+    for text in list(args.balancer_args) + list(args.grid):
+        name, _ = experiment.parse_named(text, "--balancer-args")
+        named.add(name if name is not None else (balancers[0] if len(balancers) == 1 else None))
+    extra = [f"{name}:" + ",".join(f"{k}={v}" for k, v in kwargs.items())
+             for name, kwargs in preset.get("balancer_args", {}).items() if name in balancers and name not in named]
+    return list(args.balancer_args) + extra
+
+
 def check_task_gradient_mode(setting, args):
     """--task-gradients(-every) against each balancer, before any data or training (the QM9 model has one shared
     representation and no activity regularizer, so only the balancer can make the mode unavailable)."""
@@ -127,6 +140,7 @@ def main(argv=None):
         else:
             if args.seeds is None:
                 args.seeds = list(train.PRESETS[args.preset]["seeds"])
+            args.balancer_args = preset_balancer_args(args, train.PRESETS[args.preset])
             plan = experiment.plan_from_args(args)
             tag = "-".join(t for t in ((f"every{args.task_gradients_every}" if args.task_gradients_every > 1 else ""),
                                        ("rep" if args.task_gradients == "representation" else "")) if t)

@@ -100,3 +100,21 @@ def test_medium_preset_trains_an_amortised_dbmtl_labelled_as_such_and_prepare_da
     assert run["setting"]["label"] == "dbmtl-every2" and set(report["runs"]) == {"dbmtl-every2"}
     assert len(run["cosines"]) == 2 and len(run["history"]["val_delta_p"]) == 2
     assert "diagnostics.png" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, preset_args", [
+    ([], ["dbmtl:beta=0.1"]),                                            # the quick preset's validated beta
+    (["--balancer", "dbmtl", "pcgrad"], ["dbmtl:beta=0.1"]),
+    (["--balancer", "ew"], []),                                          # DB-MTL not trained: nothing added
+    (["--balancer-args", "dbmtl:beta=0.5"], []),                         # the user's own arguments win
+    (["--balancer", "dbmtl", "--balancer-args", "beta_sigma=0.5"], []),  # unnamed, for the only balancer
+    (["--grid", "dbmtl:paper"], []),                                     # a grid chooses beta itself
+    (["--preset", "paper"], []),                                         # the paper's preset: the defaults
+])
+def test_the_preset_gives_dbmtl_its_validated_beta_unless_the_command_line_names_its_own(argv, preset_args):
+    from applications.qm9 import train
+
+    args = cli.parser().parse_args(argv)
+    added = cli.preset_balancer_args(args, train.PRESETS[args.preset])
+    assert added[len(args.balancer_args):] == preset_args
+    assert added[:len(args.balancer_args)] == args.balancer_args
