@@ -11,9 +11,9 @@ matching run file (a run cut off before its end: its validation curve only). Wri
   per target in the paper's units; for every pair of methods with several seeds, the difference against the spread
   (Welch's t, and whether the gap is larger than the larger of the two seed stds);
 - ``curves.png``: validation Δp per epoch, mean ± std over seeds, one line per method;
-- ``diagnostics.png`` (when a gradient-level method ran): its task weights, per-task gradient norms on the shared
-  variables, mean pairwise cosine and number of conflicting pairs per epoch, and the cosine heat map of the last
-  epoch (means over seeds).
+- ``diagnostics.png`` (when a gradient-level method ran; DB-MTL's if it ran, ``diagnostics_<method>.png`` for each
+  other one): its task weights, per-task gradient norms on the shared variables, mean pairwise cosine and number of
+  conflicting pairs per epoch, and the cosine heat map of the last epoch (means over seeds).
 
 ``python -m applications.qm9.report OUT.json --merge-stl A.json B.json ...`` merges STL-baseline files trained in
 separate processes (one per seed) into one.
@@ -192,6 +192,10 @@ def diagnostic_method(methods):
     return "dbmtl" if "dbmtl" in with_cosines else (with_cosines[0] if with_cosines else None)
 
 
+def _file_part(label):
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in label)
+
+
 def plot_diagnostics(methods, path, method=None):
     """The paper's Figures 8-10 for one method: task weights, gradient norms, cosines (means over seeds)."""
     method = method or diagnostic_method(methods)
@@ -252,8 +256,11 @@ def markdown(methods, title, command, folder="."):
     try:
         plot_curves(methods, os.path.join(folder, "curves.png"))
         lines += ["", "![learning curves](curves.png)"]
-        if plot_diagnostics(methods, os.path.join(folder, "diagnostics.png")):
-            lines += ["", "![task weights, gradient norms and cosines](diagnostics.png)"]
+        first = diagnostic_method(methods)
+        for method in [m for m in _order(methods) if any(r.get("cosines") for r in methods[m]["runs"])]:
+            name = "diagnostics.png" if method == first else f"diagnostics_{_file_part(method)}.png"
+            plot_diagnostics(methods, os.path.join(folder, name), method)
+            lines += ["", f"![{method}: task weights, gradient norms and cosines]({name})"]
     except ImportError as err:  # matplotlib is optional: the table holds every number
         lines += ["", f"(no plots: {err})"]
     return "\n".join(lines) + "\n"
