@@ -95,9 +95,11 @@ def test_medium_preset_trains_an_amortised_dbmtl_labelled_as_such_and_prepare_da
     report = cli.main(common + ["--epochs", "2", "--dim", "8", "--batch-size", "4", "--balancer", "dbmtl",
                                 "--task-gradients-every", "2", "--seeds", "0", "--baselines", str(baselines),
                                 "--out", str(out)])
-    run = json.loads((out / "run_dbmtl-every2_seed0.json").read_text())
+    # the preset's validated beta is applied and named in the label and the file
+    run = json.loads((out / "run_dbmtl-every2_beta0.1_seed0.json").read_text())
     assert run["config"]["schedule"] == "cosine" and run["config"]["task_gradients_every"] == 2
-    assert run["setting"]["label"] == "dbmtl-every2" and set(report["runs"]) == {"dbmtl-every2"}
+    assert run["setting"]["kwargs"] == {"beta": 0.1}
+    assert run["setting"]["label"] == "dbmtl-every2[beta=0.1]" and set(report["runs"]) == {"dbmtl-every2[beta=0.1]"}
     assert len(run["cosines"]) == 2 and len(run["history"]["val_delta_p"]) == 2
     assert "diagnostics.png" in (out / "results.md").read_text()
 
