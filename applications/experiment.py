@@ -99,6 +99,11 @@ def backend_name():
 # --------------------------------------------------------------------------- settings and checks
 
 
+def file_part(text):
+    """``text`` as a part of a file name: every character but letters, digits and ``._-`` becomes ``-``."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+
+
 class Setting:
     """One balancer with fixed arguments; ``grid`` when it is one point of a grid search."""
 
@@ -106,20 +111,21 @@ class Setting:
         self.balancer, self.kwargs, self.grid, self.tag = balancer, dict(kwargs or {}), grid, tag
 
     @property
+    def _name(self):
+        """The balancer's name, with the ``tag`` (how it was trained, e.g. ``every5``) when there is one."""
+        return self.balancer + ("-" + self.tag if self.tag else "")
+
+    @property
     def label(self):
-        """``dbmtl``, ``dbmtl[beta=0.5,beta_sigma=0.5]``, or with a ``tag`` (how it was trained, e.g. ``every5``)
-        ``dbmtl-every5``."""
-        label = self.balancer + ("-" + self.tag if self.tag else "")
+        """``dbmtl``, ``dbmtl[beta=0.5,beta_sigma=0.5]``, or with a tag ``dbmtl-every5``."""
         if not self.kwargs:
-            return label
-        return label + "[" + ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items())) + "]"
+            return self._name
+        return self._name + "[" + ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items())) + "]"
 
     @property
     def file_label(self):
         """The label as a file-name part: ``dbmtl_beta0.5_beta_sigma0.5``."""
-        parts = [self.balancer + ("-" + self.tag if self.tag else "")]
-        parts += [f"{k}{v}" for k, v in sorted(self.kwargs.items())]
-        return "".join(c if c.isalnum() or c in "._-" else "-" for c in "_".join(parts))
+        return file_part("_".join([self._name] + [f"{k}{v}" for k, v in sorted(self.kwargs.items())]))
 
     def make(self):
         """A fresh balancer instance (never shared between runs)."""
@@ -418,6 +424,6 @@ def summary_table(plan, runs, grids):
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PAPER_GRIDS", "ExperimentError", "add_arguments", "apply_backend", "backend_name", "Setting",
+__all__ = ["PAPER_GRIDS", "ExperimentError", "add_arguments", "apply_backend", "backend_name", "file_part", "Setting",
            "parse_grid", "check_output_folder", "check_seeds", "per_task_key", "compact_progbar", "Plan", "make_plan",
            "plan_from_args", "run_plan", "summary_table", "write_json"]

@@ -75,8 +75,9 @@ def _gramian_only(balancer):
     return isinstance(balancer, balancer_base.GramianBalancer) and not balancer.trainable_weights
 
 
-def check(balancer, mode, every, model):
-    """Raises a ValueError naming the mistake when `mode` / `every` do not apply to `balancer` or `model`."""
+def check(balancer, mode, every, model=None):
+    """Raises a ValueError naming the mistake when `mode` / `every` do not apply to `balancer` or, when given, to
+    `model` (without one, e.g. a command line checking its arguments before any model exists, the balancer only)."""
     if mode not in MODES:
         raise ValueError(f"task_gradients must be one of {MODES}; received {mode!r}.")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -106,6 +107,8 @@ def check(balancer, mode, every, model):
                 "directions over the shared parameters, which have no meaning over the gradients of the "
                 f"representation of different batches. Available for {list(REPRESENTATION_LEVEL)}."
             )
+        if model is None:
+            return
         if any(getattr(layer, "activity_regularizer", None) is not None
                for layer in model.encoder._flatten_layers(include_self=True)):
             raise ValueError(

@@ -105,15 +105,10 @@ def preset_balancer_args(args, preset):
 def check_task_gradient_mode(setting, args):
     """--task-gradients(-every) against each balancer, before any data or training (the QM9 model has one shared
     representation and no activity regularizer, so only the balancer can make the mode unavailable)."""
-    import types
-
-    import keras
-
     from keras_dbmtl import task_gradients
 
-    model = types.SimpleNamespace(encoder=keras.layers.Identity(), per_task_inputs=False, task_layers=None)
     try:
-        task_gradients.check(setting.make(), args.task_gradients, args.task_gradients_every, model)
+        task_gradients.check(setting.make(), args.task_gradients, args.task_gradients_every)
     except ValueError as err:
         raise experiment.ExperimentError(f"balancer {setting.balancer}: {err}") from err
 

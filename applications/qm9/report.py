@@ -33,6 +33,8 @@ import re
 
 import numpy as np
 
+from applications.experiment import file_part
+
 NAME = re.compile(r"(run|curve)_(?P<balancer>.+)_seed(?P<seed>\d+)\.json$")
 
 
@@ -168,13 +170,11 @@ def plot_curves(methods, path, ylim=(-60, 5)):
     """Validation Δp per epoch, mean ± std over seeds, one line per method."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for m in _order(methods):
-        curves = _histories(methods[m], "val_delta_p")
-        if curves is not None:
-            _band(ax, curves, m)
-    lows = [c.min() for m in methods if (c := _histories(methods[m], "val_delta_p")) is not None]
-    if ylim is not None and lows:
-        ax.set_ylim(max(ylim[0], min(lows) - 2), ylim[1])
+    curves = {m: c for m in _order(methods) if (c := _histories(methods[m], "val_delta_p")) is not None}
+    for m, c in curves.items():
+        _band(ax, c, m)
+    if ylim is not None and curves:
+        ax.set_ylim(max(ylim[0], min(c.min() for c in curves.values()) - 2), ylim[1])
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Δp (%)")
     ax.set_title("validation Δp, mean ± std over seeds (higher is better)")
@@ -186,14 +186,15 @@ def plot_curves(methods, path, ylim=(-60, 5)):
     return path
 
 
+def with_cosines(methods):
+    """The methods (in table order) whose finished runs logged the cosines of their task gradients."""
+    return [m for m in _order(methods) if any(r.get("cosines") for r in methods[m]["runs"])]
+
+
 def diagnostic_method(methods):
     """The method whose diagnostics are plotted: DB-MTL if it ran, else the first that logged cosines."""
-    with_cosines = [m for m in _order(methods) if any(r.get("cosines") for r in methods[m]["runs"])]
-    return "dbmtl" if "dbmtl" in with_cosines else (with_cosines[0] if with_cosines else None)
-
-
-def _file_part(label):
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in label)
+    logged = with_cosines(methods)
+    return "dbmtl" if "dbmtl" in logged else (logged[0] if logged else None)
 
 
 def plot_diagnostics(methods, path, method=None):
@@ -257,8 +258,8 @@ def markdown(methods, title, command, folder="."):
         plot_curves(methods, os.path.join(folder, "curves.png"))
         lines += ["", "![learning curves](curves.png)"]
         first = diagnostic_method(methods)
-        for method in [m for m in _order(methods) if any(r.get("cosines") for r in methods[m]["runs"])]:
-            name = "diagnostics.png" if method == first else f"diagnostics_{_file_part(method)}.png"
+        for method in with_cosines(methods):
+            name = "diagnostics.png" if method == first else f"diagnostics_{file_part(method)}.png"
             plot_diagnostics(methods, os.path.join(folder, name), method)
             lines += ["", f"![{method}: task weights, gradient norms and cosines]({name})"]
     except ImportError as err:  # matplotlib is optional: the table holds every number

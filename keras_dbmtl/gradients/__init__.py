@@ -239,12 +239,10 @@ def _jacobian_blocks(pull, losses, regularization, num_shared, vectorize, indice
     num_tasks = int(losses.shape[0])
     indices = list(range(num_shared) if indices is None else indices)
     eye = ops.eye(num_tasks, dtype=losses.dtype)
-    if vectorize:
+    batched = True if vectorize else ("sequential" if getattr(backend_module(), "SEQUENTIAL_ROWS", False) else False)
+    if batched:
         zeros = ops.zeros((num_tasks,), dtype=regularization.dtype)
-        return pull((eye, zeros), indices, batched=True)
-    if getattr(backend_module(), "SEQUENTIAL_ROWS", False):
-        zeros = ops.zeros((num_tasks,), dtype=regularization.dtype)
-        return pull((eye, zeros), indices, batched="sequential")
+        return pull((eye, zeros), indices, batched=batched)
     zero = ops.zeros_like(regularization)
     rows = [pull((eye[t], zero), indices) for t in range(num_tasks)]
     return [ops.stack([row[i] for row in rows]) for i in range(len(indices))]
