@@ -2,12 +2,14 @@
 
 Command line (``--backend`` is applied before Keras is imported)::
 
-    # ~10 minutes on 2 CPU cores: EW and DB-MTL on a subset, 3 seeds, MAE per target + Δp + learning curves and
+    # ~8.5 minutes on 2 CPU cores: EW and DB-MTL on a subset, 3 seeds, MAE per target + Δp + learning curves and
     # DB-MTL's task weights, gradient norms and gradient cosines (PNG)
     python -m applications.qm9 --preset quick --backend jax --balancer ew dbmtl --out results/qm9_quick
-    # ~1 hour per seed on 2 CPU cores: 8,000 molecules, 20 epochs, 7 balancers, then the STL baselines
+    # ~40 minutes per seed on 2 CPU cores: 8,000 molecules, 20 epochs, 7 balancers, then the STL baselines
     python -m applications.qm9 --preset medium --balancer ew dbmtl mgda pcgrad nash_mtl famo upgrad --seeds 0
     python -m applications.qm9 --preset medium --stl --seeds 0
+    # the same for 3 seeds, one process per method and seed, two at a time (2 h on 2 cores)
+    bash benchmarks/qm9_medium.sh results/qm9_medium CACHE_DIR
     # runs made in separate processes (one per seed): one table, the spread verdict and the figures
     python -m applications.qm9.report results/
     # the paper's model and recipe (a GPU job), 3 seeds, then the 11 single-task baselines

@@ -20,9 +20,10 @@ def parser():
                "graphs as one .npz in --cache-dir; later runs need only that file (no RDKit, qm9pack, "
                "spektral or TensorFlow: build it once with --prepare-data, then copy the folder).")
     p.add_argument("--preset", choices=("quick", "medium", "paper"), default="quick",
-                   help="quick (default): EW and DB-MTL, 3 seeds, ~10 min on 2 CPU cores (smaller model, bonded "
+                   help="quick (default): EW and DB-MTL, 3 seeds, ~8.5 min on 2 CPU cores (smaller model, bonded "
                         "edges, 4,000 molecules, 12 epochs, cosine schedule); medium: 8,000 molecules, 20 epochs, "
-                        "~1 h per seed on 2 CPU cores for 7 balancers and the STL baselines; paper: the paper's "
+                        "~40 min per seed on 2 CPU cores for 7 balancers and the STL baselines "
+                        "(benchmarks/qm9_medium.sh runs 3 seeds in 2 h); paper: the paper's "
                         "model and recipe, all molecules, 300 epochs (a GPU job)")
     experiment.add_arguments(p, balancers=("ew", "dbmtl"), seeds=(0, 1, 2), out=None, backend="jax")
     p.add_argument("--stl", action="store_true",

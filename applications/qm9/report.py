@@ -73,7 +73,9 @@ def rebase(methods, baselines):
     With a learning rate that does not depend on the validation Δp (``schedule="cosine"``) the baselines only
     choose which epoch's weights are kept; each run's epoch is chosen again on its validation MAE per epoch
     against ``baselines["val"]`` and the runs whose choice changes are returned (their test MAE is that of the
-    other epoch, which the run file does not hold: train them again with ``--baselines``)."""
+    other epoch, which the run file does not hold: train them again with ``--baselines``). The validation Δp
+    curve in each run's history (the one the figures draw) becomes the one against ``baselines["val"]``; the
+    stored one is kept as ``val_delta_p_stored``."""
     changed = []
     val = baselines.get("val") or baselines["test"]
     for name, entry in methods.items():
@@ -88,6 +90,9 @@ def rebase(methods, baselines):
                 changed.append((name, run["seed"], run["best_epoch"], best))
             run["delta_p_stored"] = run["delta_p"]
             run["delta_p"] = delta_p_of_maes(run["test_mae"], baselines["test"])
+            # the learning curves drawn from these runs are against the same baselines
+            run["history"] = dict(run["history"], val_delta_p=curve,
+                                  val_delta_p_stored=run["history"]["val_delta_p"])
     return changed
 
 

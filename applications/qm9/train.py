@@ -32,7 +32,7 @@ PRESETS = {
     "paper": dict(dim=64, edge_hidden=128, out_dim=64, set2set_steps=3, steps=3, edges="complete",
                   subset=None, epochs=300, batch_size=128, lr=1e-3, lr_factor=0.7, lr_patience=5,
                   min_lr=1e-5, schedule="plateau", seeds=(0, 1, 2)),
-    # ~10 minutes on 2 CPU cores for EW and DB-MTL, 3 seeds (see README): smaller model, bonded edges, a subset,
+    # 8 min 22 s on 2 idle CPU cores for EW and DB-MTL, 3 seeds (see README): smaller model, bonded edges, a subset,
     # a cosine schedule that anneals by the last epoch (every method's curve has settled there).
     # DB-MTL's beta chosen on mean validation Δp (3 seeds) among 0.9 (the library's default), 0.5, 0.1 and 0.1/k^0.5,
     # four points of the paper's grid (Section 4.1): 0.1 won (applications/qm9/results_quick, README).
@@ -40,8 +40,9 @@ PRESETS = {
                   subset=(4000, 1000, 2000), epochs=12, batch_size=64, lr=2e-3, schedule="cosine",
                   lr_factor=0.7, lr_patience=2, min_lr=1e-5, seeds=(0, 1, 2),
                   balancer_args={"dbmtl": {"beta": 0.1}}),
-    # ~1 hour per seed on 2 CPU cores for EW, DB-MTL, MGDA, PCGrad, Nash-MTL, FAMO, UPGrad and the 11 STL models:
-    # twice the molecules and 20 epochs (2,500 steps, past where DB-MTL's curve met EW's on the quick model).
+    # EW, DB-MTL, MGDA, PCGrad, Nash-MTL, FAMO, UPGrad and the 11 STL models: 78 min of one core per seed, 3 seeds
+    # in 2 h on 2 cores (benchmarks/qm9_medium.sh, two single-threaded processes); twice the molecules and 20
+    # epochs (2,500 steps). Results: applications/qm9/results_medium (README).
     "medium": dict(dim=32, edge_hidden=64, out_dim=64, set2set_steps=3, steps=3, edges="bonds",
                    subset=(8000, 1000, 2000), epochs=20, batch_size=64, lr=2e-3, schedule="cosine",
                    lr_factor=0.7, lr_patience=5, min_lr=1e-5, seeds=(0, 1, 2),

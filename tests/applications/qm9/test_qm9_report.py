@@ -107,6 +107,8 @@ def test_rebase_recomputes_test_delta_p_and_flags_runs_whose_epoch_choice_would_
     # run 1 against val baselines (1, 10): epoch 1: -(0 + -0.1)/2 = +5 %, epoch 2: -(1 + -0.4)/2 = -30 %,
     # epoch 3: -(2 - 0.8)/2 = -60 %: epoch 1 would be chosen
     assert changed == [("ew", 1, 3, 1)]
+    # the learning curve the figures draw is rebased too (run 1: +5, -30, -60 %, from the lines above)
+    assert methods["ew"]["runs"][1]["history"]["val_delta_p"] == pytest.approx([5.0, -30.0, -60.0])
     with pytest.raises(ValueError, match="schedule 'plateau'"):
         methods["ew"]["runs"][0]["config"]["schedule"] = "plateau"
         report.rebase(methods, baselines)
