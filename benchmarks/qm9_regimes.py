@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from applications.qm9 import report  # noqa: E402
 
+# applications.qm9.data.TARGETS, written out: importing that module loads Keras, which this script does not need
 TARGETS = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "u0", "u", "h", "g", "cv")
 PAPER_COLUMNS = ("mu", "alpha", "eps_HOMO", "eps_LUMO", "R2", "ZPVE", "U0", "U", "H", "G", "c_v")
 PAPER_TABLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "qm9_table3.csv")
@@ -47,10 +48,6 @@ def ratios(maes, stl):
     return {t: maes[t] / stl[t] for t in TARGETS}
 
 
-def delta_p_of_ratios(r):
-    return -100.0 * float(np.mean([r[t] - 1.0 for t in TARGETS]))
-
-
 def regime_rows(name, folder, stl_path, methods):
     """(label, seeds, {target: mean ratio}, (Δp mean, std)) per method found in the folder, rebased on stl_path."""
     with open(stl_path) as fh:
@@ -64,7 +61,7 @@ def regime_rows(name, folder, stl_path, methods):
         per_seed = [ratios(r["test_mae"], stl["test"]) for r in runs]
         mean = {t: float(np.mean([p[t] for p in per_seed])) for t in TARGETS}
         rows.append((f"{name} {method}", len(runs), mean,
-                     report.mean_std([delta_p_of_ratios(p) for p in per_seed])))
+                     report.mean_std([report.delta_p_of_maes(r["test_mae"], stl["test"]) for r in runs])))
     return rows, stl["test"]
 
 
@@ -96,7 +93,7 @@ def main(argv=None):
             continue
         r = ratios(maes, paper["STL"])
         lines.append(f"| paper {method} | 3 | " + " | ".join(f"{r[t]:.2f}" for t in TARGETS)
-                     + f" | {delta_p_of_ratios(r):.1f} |")
+                     + f" | {report.delta_p_of_maes(maes, paper['STL']):.1f} |")
     print("\n".join(lines + (stl_lines if paper else [])))
 
 

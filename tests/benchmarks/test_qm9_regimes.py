@@ -9,10 +9,12 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import qm9_regimes  # noqa: E402
 
+from applications.qm9 import report  # noqa: E402
+
 TARGETS = qm9_regimes.TARGETS
 
 
-def test_ratios_and_delta_p_against_a_hand_computed_regime(tmp_path, capsys):
+def test_ratios_and_delta_p_against_a_hand_computed_regime(tmp_path):
     stl = {t: 2.0 for t in TARGETS}
     stl["r2"] = 1e-4                       # targets on scales 10^4 apart
     (tmp_path / "stl.json").write_text(json.dumps({"test": stl, "val": stl}))
@@ -30,12 +32,12 @@ def test_ratios_and_delta_p_against_a_hand_computed_regime(tmp_path, capsys):
     assert sd == pytest.approx((100.0 / 11) * 2 ** 0.5 / 2)
 
 
-def test_paper_rows_give_table_3s_delta_p(tmp_path):
+def test_paper_rows_give_table_3s_delta_p():
     paper = qm9_regimes.paper_rows()
     if not paper:
         pytest.skip("../shared/reference/qm9_table3.csv is not beside the repository")
     # Table 3's Δp, recomputed from its own rounded MAEs (its printed value: EW -146.3, DB-MTL -58.10)
-    ew = qm9_regimes.delta_p_of_ratios(qm9_regimes.ratios(paper["EW"], paper["STL"]))
-    db = qm9_regimes.delta_p_of_ratios(qm9_regimes.ratios(paper["DB-MTL"], paper["STL"]))
+    ew = report.delta_p_of_maes(paper["EW"], paper["STL"])
+    db = report.delta_p_of_maes(paper["DB-MTL"], paper["STL"])
     assert ew == pytest.approx(-146.3, abs=0.5) and db == pytest.approx(-58.1, abs=0.5)
     assert paper["EW"]["r2"] / paper["STL"]["r2"] == pytest.approx(4.655 / 0.529)
