@@ -10,7 +10,7 @@ e.g. (the stored quick and medium runs):
         medium=applications/qm9/results_medium:applications/qm9/stl_baselines_medium.json
 
 Prints a markdown table: one row per (regime, method) with the mean over seeds of each target's ratio, and the
-paper's rows (`../shared/reference/qm9_table3.csv`, full data, 300 epochs) for comparison. A ratio above 1 is a
+paper's rows (`tests/data/paper_tables/qm9_table3.csv`, full data, 300 epochs) for comparison. A ratio above 1 is a
 target on which the multi-task model is worse than its single-task model; Table 3's EW is above 1 on every target
 and 8.8 on R2.
 """
@@ -31,7 +31,8 @@ from applications.qm9 import report  # noqa: E402
 # applications.qm9.data.TARGETS, written out: importing that module loads Keras, which this script does not need
 TARGETS = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "u0", "u", "h", "g", "cv")
 PAPER_COLUMNS = ("mu", "alpha", "eps_HOMO", "eps_LUMO", "R2", "ZPVE", "U0", "U", "H", "G", "c_v")
-PAPER_TABLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "qm9_table3.csv")
+PAPER_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "paper_tables",
+                           "qm9_table3.csv")
 
 
 def paper_rows(path=PAPER_TABLE, methods=("STL", "EW", "DB-MTL", "Nash-MTL", "MGDA", "PCGrad")):
