@@ -57,6 +57,16 @@ def compilers():
 
 
 def keras_gradients(X, Y, weights, encoder, heads, vectorize, compiler):
+    blocks, own = compiler(task_gradients_fn(X, Y, weights, encoder, heads, vectorize))()
+    T = len(heads)
+    rows = np.concatenate([np.asarray(keras.ops.convert_to_numpy(g), np.float64).reshape(T, -1) for g in blocks],
+                          axis=1)
+    own = [np.concatenate([np.asarray(keras.ops.convert_to_numpy(g), np.float64).ravel() for g in group])
+           for group in own]
+    return rows, own
+
+
+def task_gradients_fn(X, Y, weights, encoder, heads, vectorize):
     x = keras.ops.convert_to_tensor(X)
     ys = [keras.ops.convert_to_tensor(y) for y in Y]
 
@@ -70,13 +80,7 @@ def keras_gradients(X, Y, weights, encoder, heads, vectorize, compiler):
         result = gradients.task_gradients(forward, encoder.weights, [h.weights for h in heads], vectorize=vectorize)
         return result.shared_blocks, result.task_gradients
 
-    blocks, own = compiler(run)()
-    T = len(heads)
-    rows = np.concatenate([np.asarray(keras.ops.convert_to_numpy(g), np.float64).reshape(T, -1) for g in blocks],
-                          axis=1)
-    own = [np.concatenate([np.asarray(keras.ops.convert_to_numpy(g), np.float64).ravel() for g in group])
-           for group in own]
-    return rows, own
+    return run
 
 
 def assert_rows_close(got, expected, rtol):
@@ -105,3 +109,79 @@ def test_every_way_of_pulling_rows_gives_the_numpy_jacobian(num_tasks, compiler_
         assert_rows_close(rows, expected_rows, 1e-5)
     assert_rows_close(looped, unrolled, 1e-6)    # the sequential map against the unrolled loop
     assert_rows_close(looped_own, expected_own, 1e-5)
+
+
+# A convolutional encoder: XLA:CPU runs a convolution inside a while-loop body ~30x slower than outside one
+# (benchmarks/RESULTS.md), so JAX and TensorFlow pull its rows unrolled instead of with the sequential map.
+L, C, F, K = 7, 2, 3, 3
+
+
+def make_conv_problem(num_tasks, seed=1):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(B, L, C)).astype("float32")
+    Y = [(s * rng.normal(size=(B, 1))).astype("float32") for s in np.logspace(-1, 1, num_tasks)]
+    weights = np.logspace(-2, 2, num_tasks)
+    keras.utils.set_random_seed(seed)
+    encoder = keras.Sequential([keras.layers.Conv1D(F, K, activation="tanh"), keras.layers.GlobalAveragePooling1D()])
+    encoder.build((None, L, C))
+    heads = [keras.layers.Dense(1) for _ in range(num_tasks)]
+    for head in heads:
+        head.build((None, F))
+    return X, Y, weights, encoder, heads
+
+
+def numpy_conv_gradients(X, Y, weights, encoder, heads):
+    """l_t = a_t mean((mean_i tanh(conv(X, W)_i + b) v_t + c_t - y_t)^2), conv the valid cross-correlation
+    z[n, i, f] = sum_k,c X[n, i + k, c] W[k, c, f]; rows of its Jacobian w.r.t. (W, b), float64."""
+    W, b = (np.asarray(keras.ops.convert_to_numpy(v), np.float64) for v in encoder.weights)
+    X = X.astype(np.float64)
+    out = L - K + 1
+    windows = np.stack([X[:, i:i + K, :] for i in range(out)], axis=1)        # (B, out, K, C)
+    H = np.tanh(np.einsum("nikc,kcf->nif", windows, W) + b)
+    features = H.mean(axis=1)
+    rows, own = [], []
+    for head, y, a in zip(heads, Y, weights):
+        v, c = (np.asarray(keras.ops.convert_to_numpy(w), np.float64) for w in head.weights)
+        d_pred = 2.0 * a * (features @ v + c - y) / len(X)
+        d_z = (d_pred @ v.T)[:, None, :] / out * (1.0 - H**2)                  # (B, out, F)
+        rows.append(np.concatenate([np.einsum("nikc,nif->kcf", windows, d_z).ravel(), d_z.sum(axis=(0, 1))]))
+        own.append(np.concatenate([(features.T @ d_pred).ravel(), d_pred.sum(axis=0)]))
+    return np.array(rows), own
+
+
+def loops_in_step(run, compiler_index):
+    """Whether the compiled step holds a while loop (None where the backend compiles nothing)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        text = str(jax.make_jaxpr(run)())
+        return "while[" in text or "scan[" in text          # lax.map is a scan: an XLA while loop
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        graph = tf.function(run, jit_compile=bool(compiler_index)).get_concrete_function().graph
+        return any("While" in op.type for op in graph.get_operations())
+    return None
+
+
+@pytest.mark.parametrize("compiler_index", [0, 1])
+def test_a_convolutional_encoder_pulls_its_rows_unrolled_and_exact(compiler_index):
+    if compiler_index >= len(compilers()):
+        pytest.skip("one compiled mode on this backend")
+    compiler = compilers()[compiler_index]
+    conv = make_conv_problem(11)
+    expected_rows, expected_own = numpy_conv_gradients(*conv)
+    norms = np.linalg.norm(expected_rows, axis=1)
+    assert norms.max() / norms.min() > 1e3
+
+    rows, own = keras_gradients(*conv, vectorize=False, compiler=compiler)
+    assert_rows_close(rows, expected_rows, 1e-5)
+    assert_rows_close(own, expected_own, 1e-5)
+
+    dense = make_problem(11)
+    conv_loops = loops_in_step(task_gradients_fn(*conv, vectorize=False), compiler_index)
+    dense_loops = loops_in_step(task_gradients_fn(*dense, vectorize=False), compiler_index)
+    if conv_loops is None:
+        pytest.skip("torch pulls rows in a Python loop on every model")
+    assert (conv_loops, dense_loops) == (False, True)

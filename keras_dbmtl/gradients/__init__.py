@@ -10,7 +10,8 @@ uses; this is the only place that asks which backend runs (`backend_module`):
         the result is one (B, *shape) block per variable (the backend's vectorised map); with
         `batched="sequential"` (backends with SEQUENTIAL_ROWS = True) the same blocks, the B rows pulled one after
         another in a loop the compiler keeps sequential (JAX: `lax.map`), so that one backward pass's
-        temporaries are alive at a time.
+        temporaries are alive at a time (except where the backward pass holds a convolution: XLA:CPU runs one
+        ~30x slower in a loop body, so JAX and TensorFlow unroll those rows);
     replica_mean(values): the mean over the data-parallel replicas of a list of tensors (one all-reduce);
     global_losses(task_losses): inside the differentiated forward, losses whose value is the global batch's and
         whose gradient is the replica's own share; optimizer_gradients(grads): what `optimizer.apply` gets;

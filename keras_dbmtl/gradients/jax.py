@@ -17,6 +17,10 @@ DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every CPU mode
 # passes of an unrolled Python loop alive together (QM9 paper model: ~4.5 GB of temporaries instead of ~0.6 GB for
 # EW); the map holds one pass at a time (benchmarks/RESULTS.md, peak memory).
 SEQUENTIAL_ROWS = True
+# ... except where the backward pass holds a convolution and runs on the CPU: XLA:CPU runs a convolution inside a
+# while-loop body ~30x slower than the same convolution outside one (conv model, 3 tasks: 58x EW's step with the map,
+# 2.6x unrolled; benchmarks/RESULTS.md), so there the rows are unrolled and memory is traded for that time.
+_CONVOLUTIONS = frozenset({"conv_general_dilated"})
 
 
 def on_gpu():
@@ -71,6 +75,9 @@ def pullback(forward, variables, inputs=()):
             grads = all_gradients(rows)
             return [grads[i] for i in indices]
 
+        if batched == "sequential" and _convolutions_loop_slowly(chosen, cotangents):
+            rows = [chosen(tuple(c[b] for c in cotangents)) for b in range(int(cotangents[0].shape[0]))]
+            return [ops.stack(row) for row in zip(*rows)]
         if batched == "sequential":   # one backward pass at a time: only one pass's temporaries are alive
             return list(jax.lax.map(chosen, tuple(cotangents)))
         if batched:
@@ -78,6 +85,28 @@ def pullback(forward, variables, inputs=()):
         return chosen(cotangents)
 
     return tuple(outputs), aux, pull
+
+
+def _convolutions_loop_slowly(pull_row, cotangents):
+    """Whether one backward pass (`pull_row` of one row of the cotangents) holds a convolution and runs on XLA:CPU,
+    where a loop body slows convolutions down (SEQUENTIAL_ROWS above). Traces the pass once, at trace time."""
+    if jax.default_backend() != "cpu":
+        return False
+    closed = jax.make_jaxpr(pull_row)(tuple(c[0] for c in cotangents))
+    return _holds(closed.jaxpr, _CONVOLUTIONS)
+
+
+def _holds(jaxpr, primitives):
+    """Whether `jaxpr` or any jaxpr nested in its equations (loops, conditionals, calls) uses one of `primitives`."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in primitives:
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)       # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns") and _holds(inner, primitives):
+                    return True
+    return False
 
 
 def run_step(step, args, state_groups):

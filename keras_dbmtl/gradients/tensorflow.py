@@ -25,6 +25,11 @@ DEFAULT_VECTORIZE = False
 # (or one XLA computation) keep the T backward passes' temporaries alive together (benchmarks/RESULTS.md, peak
 # memory).
 SEQUENTIAL_ROWS = True
+# ... except where the graph holds a convolution: under XLA (jit_compile) a convolution in a while-loop body runs
+# ~30x slower on the CPU (conv model, 3 tasks: 60x EW's step with the map, 1.8x unrolled; benchmarks/RESULTS.md),
+# and without XLA the unrolled rows cost the same; there the rows are unrolled.
+_CONVOLUTIONS = frozenset({"Conv2D", "Conv3D", "Conv", "DepthwiseConv2dNative", "Conv2DBackpropInput",
+                           "Conv3DBackpropInputV2"})
 
 
 def _replica_context():
@@ -118,7 +123,18 @@ def _sequential_rows(tape, outputs, chosen, cotangents):
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return [tf.convert_to_tensor(g) for g in grads]    # (IndexedSlices of a gather, dense)
 
+    if _holds_convolution(outputs):
+        rows = [row(tuple(c[b] for c in cotangents)) for b in range(int(cotangents[0].shape[0]))]
+        return [tf.stack(block) for block in zip(*rows)]
     return list(tf.map_fn(row, tuple(cotangents), fn_output_signature=signature, parallel_iterations=1))
+
+
+def _holds_convolution(outputs):
+    """Whether the graph that computed `outputs` holds a convolution (SEQUENTIAL_ROWS above); False eagerly."""
+    graph = getattr(outputs[0], "graph", None) if outputs else None
+    if tf.executing_eagerly() or graph is None:
+        return False
+    return any(op.type in _CONVOLUTIONS for op in graph.get_operations())
 
 
 def _zeros(source):
