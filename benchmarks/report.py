@@ -365,8 +365,9 @@ def write(out_dir, results_md, fig_dir, command):
         add(f"- Wall time of this run: {run.get('wall_s', 0) / 60:.1f} min (started {run.get('started')}).")
     elif run:
         cpu = run.get("cpu_s")
-        add(f"- Wall time of this run: {run.get('wall_s', 0) / 60:.1f} min ({run.get('jobs')} jobs side by side, "
-            f"started {run.get('started')})"
+        only = run.get("only")   # a partial run: the other jobs' JSON are from earlier invocations
+        add(f"- Wall time of {f'the last invocation (`--only {only}`)' if only else 'this run'}: "
+            f"{run.get('wall_s', 0) / 60:.1f} min ({run.get('jobs')} jobs side by side, started {run.get('started')})"
             + (f"; CPU time of all its processes {cpu / 60:.1f} min, i.e. about {cpu / 120:.0f} min of wall time "
                "on 2 otherwise idle cores." if cpu else "."))
     any_result = next((r for r in results.values() if not r.get("pending")), {})

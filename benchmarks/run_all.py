@@ -223,7 +223,7 @@ def main(argv=None):
 
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         common.write_json(os.path.join(out_dir, "run.json"), {
-            "command": command, "started": started, "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
+            "command": command, "only": args.only, "started": started, "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
             "threads": args.threads, "cpu_s": children.ru_utime + children.ru_stime,
             "machine": common.machine_info()})
     from benchmarks import report
