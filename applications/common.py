@@ -41,14 +41,20 @@ Measured on the QM9 quick preset (JAX, 2 shared CPU cores, CPU time per training
 minor faults 83,000 -> 2,000, kernel share 38 % -> 2.6 %; EW 62 -> 36 ms, 10,500 -> 0 faults, 34 % -> 1.1 %."""
 
 
+def wants_malloc_tunables(environ):
+    """Whether a process started with `environ` gets MALLOC_TUNABLES: on glibc Linux, unless `environ` already sets
+    GLIBC_TUNABLES (yours are kept) or KERAS_DBMTL_MALLOC_TUNING=0."""
+    if environ.get("KERAS_DBMTL_MALLOC_TUNING", "1") == "0" or "GLIBC_TUNABLES" in environ:
+        return False
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def rerun_with_malloc_tunables():
     """Re-executes this Python process with ``GLIBC_TUNABLES=MALLOC_TUNABLES`` (read by glibc only at process
     start; ``mallopt`` cannot raise the mmap threshold above 32 MB). Call it first thing in a command line's
     ``if __name__ == "__main__":``. Does nothing (returns False) off glibc Linux, when ``GLIBC_TUNABLES`` is
     already set (yours are kept), or with ``KERAS_DBMTL_MALLOC_TUNING=0``."""
-    if os.environ.get("KERAS_DBMTL_MALLOC_TUNING", "1") == "0" or "GLIBC_TUNABLES" in os.environ:
-        return False
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not wants_malloc_tunables(os.environ):
         return False
     argv = getattr(sys, "orig_argv", None)
     if not argv:

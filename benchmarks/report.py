@@ -370,6 +370,11 @@ def write(out_dir, results_md, fig_dir, command):
             f"{run.get('wall_s', 0) / 60:.1f} min ({run.get('jobs')} jobs side by side, started {run.get('started')})"
             + (f"; CPU time of all its processes {cpu / 60:.1f} min, i.e. about {cpu / 120:.0f} min of wall time "
                "on 2 otherwise idle cores." if cpu else "."))
+    if run.get("malloc_tunables") is not None:
+        add("- Allocator: the timing jobs ran with glibc's malloc "
+            + ("set as the application commands set it (`applications.common.MALLOC_TUNABLES`), so that compiled "
+               "steps do not map, unmap and page-fault their temporaries at every call; the memory job with "
+               "glibc's defaults." if run["malloc_tunables"] else "defaults (no `MALLOC_TUNABLES`)."))
     any_result = next((r for r in results.values() if not r.get("pending")), {})
     if not machine.get("gpu"):
         add(f"- Clock: **CPU time** of the benchmark process per step (`time.process_time`, all threads), median over "

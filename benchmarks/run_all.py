@@ -10,6 +10,12 @@ single-threaded process, so two jobs side by side on the 2 cores do not distort 
 - tf-xla, tf-graph (+ tf-eager for EW/DB-MTL), jax, torch: step_time.py (every balancer on the sweep models, the
   core balancers on the others) and jacobian.py; the torch job also runs libmtl_torch.py;
 - memory: memory.py, one fresh process per configuration.
+
+The timing jobs run with glibc's malloc set as the application commands set it (`applications.common.
+MALLOC_TUNABLES`; `KERAS_DBMTL_MALLOC_TUNING=0` or your own GLIBC_TUNABLES turn it off): with glibc's defaults XLA's
+per-step temporaries are mapped and unmapped at every call, and their page faults (kernel time, counted in the CPU
+time) inflate short compiled calls unevenly (JAX qm9: forward alone 34-56 ms with the defaults, 15 ms tuned). The
+memory job keeps the defaults: the tunables keep freed memory resident.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from applications.common import MALLOC_TUNABLES, wants_malloc_tunables  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 # Every balancer on every model and mode is ~700 compiled train steps, ~2 h of compilation on 2 cores: the default
@@ -139,6 +146,8 @@ def run_jobs(config, out_dir, jobs, threads, only=None):
                        "--out", out_dir, "--threads", str(threads)]
                 env_backend = JOBS[name][0]
             env = dict(os.environ, KERAS_BACKEND=env_backend, TF_CPP_MIN_LOG_LEVEL="3")
+            if name != "memory" and wants_malloc_tunables(env):   # timed as the application commands run
+                env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
             fh = open(log_path, "w")
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             running.append((name, proc, fh, time.perf_counter()))
@@ -223,7 +232,7 @@ def main(argv=None):
 
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         common.write_json(os.path.join(out_dir, "run.json"), {
-            "command": command, "only": args.only, "started": started, "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
+            "command": command, "only": args.only, "malloc_tunables": wants_malloc_tunables(os.environ), "started": started, "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
             "threads": args.threads, "cpu_s": children.ru_utime + children.ru_stime,
             "machine": common.machine_info()})
     from benchmarks import report
