@@ -232,7 +232,8 @@ def main(argv=None):
 
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         common.write_json(os.path.join(out_dir, "run.json"), {
-            "command": command, "only": args.only, "malloc_tunables": wants_malloc_tunables(os.environ), "started": started, "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
+            "command": command, "only": args.only, "malloc_tunables": wants_malloc_tunables(os.environ),
+            "started": started, "wall_s": time.perf_counter() - t0, "jobs": args.jobs,
             "threads": args.threads, "cpu_s": children.ru_utime + children.ru_stime,
             "machine": common.machine_info()})
     from benchmarks import report

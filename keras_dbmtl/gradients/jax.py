@@ -19,7 +19,7 @@ DEFAULT_VECTORIZE = False   # looped vjp: faster than jax.vmap on every CPU mode
 SEQUENTIAL_ROWS = True
 # ... except where the backward pass holds a convolution and runs on the CPU: XLA:CPU runs a convolution inside a
 # while-loop body ~30x slower than the same convolution outside one (conv model, 3 tasks: 58x EW's step with the map,
-# 2.6x unrolled; benchmarks/RESULTS.md), so there the rows are unrolled and memory is traded for that time.
+# 1.8x unrolled; benchmarks/RESULTS.md), so there the rows are unrolled and memory is traded for that time.
 _CONVOLUTIONS = frozenset({"conv_general_dilated"})
 
 
