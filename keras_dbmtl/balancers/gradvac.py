@@ -54,12 +54,12 @@ class GradVac(GramianBalancer):
         gramian = task_jacobian.gramian()
         num = self.num_tasks
         order = ops.argsort(keras.random.uniform((num, num), seed=self.seed_generator), axis=1)
-        coefficients = ops.eye(num, dtype="float32")                               # g_i' = sum_j C_ij g_j
-        targets = ops.convert_to_tensor(self.targets)
         norms = ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0))
         tasks = ops.arange(num)
-        for k in range(num):
-            other = order[:, k]
+
+        def visit(k, carry):                                                       # one ops.fori_loop, not T copies
+            coefficients, targets = carry                                          # g_i' = sum_j C_ij g_j
+            other = ops.take(order, k, axis=1)
             pick = solvers.one_hot(other, num, "float32")
             visited = ops.not_equal(other, tasks)
             products = ops.matmul(coefficients, gramian)
@@ -74,7 +74,10 @@ class GradVac(GramianBalancer):
             adjust = ops.logical_and(visited, phi < target)
             coefficients = coefficients + ops.where(adjust, step, 0.0)[:, None] * pick
             updated = ops.where(visited, (1.0 - self.beta) * target + self.beta * phi, target)
-            targets = targets + (updated - target)[:, None] * pick
+            return coefficients, targets + (updated - target)[:, None] * pick
+
+        start = (ops.eye(num, dtype="float32"), ops.convert_to_tensor(self.targets))
+        coefficients, targets = ops.fori_loop(0, num, visit, start)
         self.targets.assign(targets)
         return Aggregation(task_weights=ops.sum(coefficients, axis=0))
 

@@ -23,20 +23,25 @@ from keras_dbmtl.balancers.registry import register
 
 
 def pcgrad_coefficients(gramian, order, eps=1e-12):
-    """C with g_i^PC = sum_j C_ij g_j, visiting for task i the tasks order[i, 0], order[i, 1], ... (itself skipped)."""
+    """C with g_i^PC = sum_j C_ij g_j, visiting for task i the tasks order[i, 0], order[i, 1], ... (itself skipped).
+
+    The visits are one `ops.fori_loop` (a loop in the compiled program, not T unrolled copies: compile time stays
+    flat in T, `benchmarks/task_loop_compile.py`)."""
     num = gramian.shape[-1]
-    coefficients = ops.eye(num, dtype=gramian.dtype)
     squared_norms = ops.diagonal(gramian)
     tasks = ops.arange(num)
-    for k in range(num):
-        other = order[:, k]                                                       # j for every i at once
+    floor = eps * ops.max(squared_norms) + 1e-30
+
+    def visit(k, coefficients):
+        other = ops.take(order, k, axis=1)                                        # j for every i at once
         pick = solvers.one_hot(other, num, gramian.dtype)                       # E_ij = [j == order[i, k]]
         inner = ops.sum(ops.matmul(coefficients, gramian) * pick, axis=1)         # g_i^PC . g_j
         conflict = ops.logical_and(inner < 0.0, ops.not_equal(other, tasks))
         norm_j = ops.sum(pick * squared_norms[None, :], axis=1)                   # ||g_j||^2
-        step = ops.where(conflict, inner / ops.maximum(norm_j, eps * ops.max(squared_norms) + 1e-30), 0.0)
-        coefficients = coefficients - step[:, None] * pick                        # g_i^PC -= step g_j
-    return coefficients
+        step = ops.where(conflict, inner / ops.maximum(norm_j, floor), 0.0)
+        return coefficients - step[:, None] * pick                                # g_i^PC -= step g_j
+
+    return ops.fori_loop(0, num, visit, ops.eye(num, dtype=gramian.dtype))
 
 
 @register("pcgrad")

@@ -18,6 +18,8 @@ The accuracy asserted for each method is the one its docstring states (`STATED`)
 printed by `python tests/balancers/test_scale_battery.py`.
 """
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -269,9 +271,11 @@ def _dbmtl_direction(jacobian, beta=0.9, eps=1e-8):
     return norms.max() * np.sum(ema / (norms + eps)[:, None], axis=0)
 
 
+@functools.lru_cache(maxsize=None)
 def _order(seed, num):
     """The random task order a freshly seeded PCGrad/GradVac draws (an input of the algorithm, not its output),
-    drawn in a compiled function as the balancer's is (TensorFlow's XLA and eager random streams differ)."""
+    drawn in a compiled function as the balancer's is (TensorFlow's XLA and eager random streams differ). Cached:
+    the draw depends on (seed, T) only, and one compile per T serves every case."""
     generator = keras.random.SeedGenerator(seed)
     keys = _compile(lambda: keras.random.uniform((num, num), seed=generator))()
     return np.argsort(np.asarray(ops.convert_to_numpy(keys)), axis=1)
