@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import interleaved_medians  # noqa: E402
 from keras_dbmtl import balancers  # noqa: E402
+from keras_dbmtl._utils import compile_like_a_train_step  # noqa: E402
 from keras_dbmtl.balancers import TaskJacobian  # noqa: E402
 
 NUM_PARAMETERS = 64
@@ -33,19 +34,6 @@ def _python_fori_loop(lower, upper, body, value):
     for index in range(lower, upper):
         value = body(index, value)
     return value
-
-
-def _compiled(function):
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.jit(function)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(function, jit_compile=True, autograph=False)
-    return function
 
 
 def _aggregate(name, num_tasks, unrolled):
@@ -60,7 +48,7 @@ def _aggregate(name, num_tasks, unrolled):
             result = balancer.aggregate(balancer.task_losses(losses), TaskJacobian([jacobian], num_tasks))
             return ops.matmul(result.task_weights[None, :], jacobian)[0]
 
-    compiled = _compiled(step)
+    compiled = compile_like_a_train_step(step)
 
     def call(jacobian, losses):
         if unrolled:

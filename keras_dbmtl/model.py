@@ -889,7 +889,6 @@ class MultiTaskModel(keras.Model):
         callbacks.insert(1, mtl_callbacks.BalancerEpochHook(self))
         empty_check = input_checks.EmptyDataCheck()
         callbacks.insert(2, empty_check)
-        self._build_at_fit_start = any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)
         try:
             return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
         except UnboundLocalError as error:        # Keras' JAX loop after an epoch without a batch
@@ -927,11 +926,13 @@ class MultiTaskModel(keras.Model):
         return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # TensorFlow builds a model at the first trace of its step, after `on_train_begin`: with a callback that
-        # needs a built model (BackupAndRestore), build it at the start of `fit`, as JAX and torch do.
-        if (getattr(self, "_build_at_fit_start", False) and iterator is not None and not self.built
-                and getattr(self, "_distribute_strategy", None) is None):
-            return self._symbolic_build(iterator=iterator)
+        # TensorFlow builds a model at the first trace of its step. Variables created inside a `tf.function` make it
+        # trace the step a second time (every first call of `fit` paid two traces), and callbacks that need a built
+        # model (BackupAndRestore) run before that trace: build at the start of `fit`/`evaluate`, as JAX and torch do.
+        unbuilt = not self.built or (self.balancer is not None and not self.balancer.built)
+        if unbuilt and getattr(self, "_distribute_strategy", None) is None and (
+                iterator is not None or data_batch is not None):
+            return self._symbolic_build(iterator=iterator, data_batch=data_batch)
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def load_weights(self, filepath, *args, **kwargs):

@@ -25,13 +25,17 @@ Jacobi-scaled, so their ridge is relative to each task's own scale (a fixed ridg
   16-point line search, 30 iterations. Residual ||G w - w^(-1/alpha)|| / ||w^(-1/alpha)|| <= 2e-5 (measured
   9e-6) on full-rank Gramians (a rank-deficient G may have no positive solution). Nash-MTL and FairGrad call it
   on the cosine matrix (see their files), so the norms' spread does not reach float32.
-- Every linear solve is `_gauss_jordan` in `keras.ops` (no `ops.solve`: torch's checks its result on the host,
-  126-270 device syncs per step for these methods, issue 18; now 0, counted with torch's profiler as
-  `benchmarks/step_time.py` does).
+- Every linear solve is `_eliminate`: on JAX and TensorFlow `_gauss_jordan` in `keras.ops` (no `ops.solve`:
+  torch's checks its result on the host, 126-270 device syncs per step for these methods, issue 18; now 0,
+  counted with torch's profiler as `benchmarks/step_time.py` does); on torch, which runs the solvers eagerly,
+  one batched LU call without the host check (`torch.linalg.solve_ex(check_errors=False)`): the Gauss-Jordan
+  loop's ~12 n eager operations made UPGrad's step at T = 40 take seconds (54 ms against 0.7 ms for a
+  (40, 40, 40) solve on 2 CPU cores, issue 25).
 - `psd_power`: pseudo-inverse / inverse square root of the Gramian by `eigh` (ConFIG, Aligned-MTL).
 - `adam_update`: Adam on a small state vector (FAMO's logits), for balancers that own an optimiser.
 """
 
+import keras
 from keras import ops
 
 MIN_NORM_ITERATIONS = 100
@@ -55,7 +59,7 @@ def _solve(system, rhs, ridge=1e-6, refinements=3):
     (ridge / lambda_min(S))^3, exact to float32 for every non-singular S. (A fixed ridge on the system itself
     swamped the small rows: 17 degrees off the min-norm point at a 1e4 spread.) Exactly singular systems (supports
     of P < T gradients, collinear pairs) stay finite, where `ops.solve` raises on TensorFlow and torch; the
-    elimination is `_gauss_jordan` (no host round trip). The active-set steps only accept answers that improve
+    elimination is `_eliminate` (no host round trip). The active-set steps only accept answers that improve
     the objective."""
     diagonal = ops.diagonal(system, axis1=-2, axis2=-1)
     floor = 1e-30 + 1e-12 * ops.max(diagonal, axis=-1, keepdims=True)
@@ -63,9 +67,9 @@ def _solve(system, rhs, ridge=1e-6, refinements=3):
     scaled = system * scale[..., :, None] * scale[..., None, :]
     scaled_rhs = rhs * scale[..., :, None]
     regularized = scaled + ridge * ops.eye(system.shape[-1], dtype=system.dtype)
-    solution = _gauss_jordan(regularized, scaled_rhs)
+    solution = _eliminate(regularized, scaled_rhs)
     for _ in range(refinements):
-        solution = solution + _gauss_jordan(regularized, scaled_rhs - ops.matmul(scaled, solution))
+        solution = solution + _eliminate(regularized, scaled_rhs - ops.matmul(scaled, solution))
     return solution * scale[..., :, None]
 
 
@@ -89,6 +93,18 @@ def _gauss_jordan(system, rhs):
 
     matrix, right = ops.fori_loop(0, num, body, (system, rhs))
     return right / ops.diagonal(matrix, axis1=-2, axis2=-1)[..., :, None]
+
+
+def _torch_lu_solve(system, rhs):
+    """system^-1 rhs by one batched LU with partial pivoting, with no host check of the result (torch only)."""
+    import torch
+
+    return torch.linalg.solve_ex(system, rhs, check_errors=False)[0]
+
+
+# Chosen once: compiled backends trace the fixed elimination loop into their program; torch runs eagerly, where
+# one library call replaces the loop's ~12 n operations.
+_eliminate = _torch_lu_solve if keras.backend.backend() == "torch" else _gauss_jordan
 
 
 def _spectral_bound(gramian):

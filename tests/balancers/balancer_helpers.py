@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_dbmtl._utils import compile_like_a_train_step as compiled  # noqa: F401  (the tests' name)
 from keras_dbmtl.balancers import TaskJacobian
 
 # The brief's fixed example: two conflicting task gradients and their losses.
@@ -42,20 +43,6 @@ def aggregate(balancer, jacobian=JACOBIAN, losses=LOSSES, blocks=None):
         direction = numpy(result.shared_direction)
     heads = None if result.head_weights is None else numpy(result.head_weights)
     return direction, weights, heads
-
-
-def compiled(function):
-    """`function` compiled as in a train step (jax.jit / tf.function(jit_compile=True)); as is on torch."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.jit(function)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(function, jit_compile=True)
-    return function
 
 
 def combine(balancer, losses=LOSSES):

@@ -27,6 +27,7 @@ from keras import ops
 from scipy.linalg import cholesky
 from scipy.optimize import lsq_linear, minimize, nnls
 
+from keras_dbmtl._utils import compile_like_a_train_step
 from keras_dbmtl.balancers import (
     CAGrad, ConFIG, DBMTL, FairGrad, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, TaskJacobian, UPGrad,
 )
@@ -56,20 +57,6 @@ def _aggregate_fn(balancer):
     return step
 
 
-def _compile(function):
-    """As a train step compiles: jax.jit, tf.function with XLA (no autograph: keras.ops only), torch as is."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.jit(function)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(function, jit_compile=True, autograph=False)
-    return function
-
-
 class _Runner:
     """Calls one balancer as a train step does: stateless, compiled (jax.jit / tf.function with XLA), every call
     from the state the balancer had right after `build` (a fresh balancer per problem, one compile per T)."""
@@ -84,7 +71,7 @@ class _Runner:
             with keras.StatelessScope(state_mapping=list(zip(self.variables, values))):
                 return step(losses, jacobian)
 
-        self.stateless = _compile(stateless)
+        self.stateless = compile_like_a_train_step(stateless)
 
     def __call__(self, jacobian, losses):
         jacobian = ops.convert_to_tensor(np.asarray(jacobian, "float32"))
@@ -166,12 +153,15 @@ def _cagrad_direction(jacobian, c=0.5):
     def objective(w):
         return w @ b + phi * np.sqrt(max(w @ gram @ w, 0.0))
 
+    def gradient(w):            # analytic: SLSQP's finite differences cost 27 s of the battery per backend
+        return b + phi * gram @ w / np.sqrt(max(w @ gram @ w, 1e-300))
+
     starts = [np.full(num, 1.0 / num)] + [np.eye(num)[t] * 0.9 + 0.1 / num for t in range(min(num, 2))]
     best = None
     for start in starts:
-        result = minimize(objective, start, bounds=[(0, 1)] * num, method="SLSQP",
-                          constraints={"type": "eq", "fun": lambda w: w.sum() - 1}, options={"ftol": 1e-16,
-                                                                                             "maxiter": 2000})
+        result = minimize(objective, start, jac=gradient, bounds=[(0, 1)] * num, method="SLSQP",
+                          constraints={"type": "eq", "fun": lambda w: w.sum() - 1, "jac": lambda w: np.ones(num)},
+                          options={"ftol": 1e-16, "maxiter": 2000})
         if best is None or result.fun < best.fun:
             best = result
     gw = best.x @ vectors
@@ -277,7 +267,7 @@ def _order(seed, num):
     drawn in a compiled function as the balancer's is (TensorFlow's XLA and eager random streams differ). Cached:
     the draw depends on (seed, T) only, and one compile per T serves every case."""
     generator = keras.random.SeedGenerator(seed)
-    keys = _compile(lambda: keras.random.uniform((num, num), seed=generator))()
+    keys = compile_like_a_train_step(lambda: keras.random.uniform((num, num), seed=generator))()
     return np.argsort(np.asarray(ops.convert_to_numpy(keys)), axis=1)
 
 
