@@ -661,9 +661,43 @@ def write(out_dir, results_md, fig_dir, command):
         add("")
         add(_table(["model", "mode", "balancer", "train_function ms", "train_on_batch ms", "overhead ms"], rows))
         add("")
+    lines.extend(fault_soak_section(os.path.join(os.path.dirname(os.path.abspath(out_dir)), "results",
+                                                 "fault_soak")))
     with open(results_md, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return results_md
+
+
+FAULT_SOAK_HEADING = "## Fault soak: random faults in random fits"
+
+
+def fault_soak_section(folder):
+    """The table of `benchmarks/fault_soak.py`'s counts (one JSON per backend in `folder`), as Markdown lines."""
+    payloads = [common.read_json(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+                if name.endswith(".json")] if os.path.isdir(folder) else []
+    if not payloads:
+        return []
+    faults = ("none", "nan_batch", "sigkill", "corrupt_backup", "disk_full")
+    rows = []
+    for p in payloads:
+        outcomes = p["outcomes"]
+        per_fault = ", ".join(f"{f} {sum(p['by_fault'].get(f, {}).values())}" for f in faults)
+        rows.append([p["backend"], str(p["runs"]), str(p["faults_injected"]), per_fault,
+                     str(outcomes.get("ok", 0)), str(outcomes.get("resumed_exact", 0)),
+                     str(outcomes.get("clear_error", 0)), str(outcomes.get("unavailable", 0)),
+                     str(outcomes.get("other", 0)), f"{p['seconds'] / 60:.0f} min"])
+    lines = [FAULT_SOAK_HEADING, "",
+             "`KERAS_BACKEND=<backend> python benchmarks/fault_soak.py --runs 200` (the faults and what each must "
+             "give: the script's docstring). `ok`: trained as the fault calls for (a NaN batch skipped, counted and "
+             "warned; a plain fit with nothing skipped; a disk with room enough); `resumed exact`: a SIGKILLed run "
+             "resumed by `BackupAndRestore` onto the uninterrupted run's state, bit for bit; `clear error`: an "
+             "error naming the backup file or folder (corrupt backup, full disk); `other`: anything else.", "",
+             _table(["backend", "runs", "faults injected", "by fault", "ok", "resumed exact", "clear error",
+                     "unavailable", "other", "time"], rows), ""]
+    for p in payloads:
+        for other in p.get("others", []):
+            lines.append(f"- {p['backend']}, other: `{other['spec']}`: {other['detail']}")
+    return lines
 
 
 def _step_vec_over_loop(result):

@@ -37,3 +37,12 @@ class TaskMeans(keras.metrics.Metric):
 
     def get_config(self):
         return {"task_names": self.task_names, "kind": self.kind}
+
+
+class TaskSums(TaskMeans):
+    """As `TaskMeans`, with the totals as the result: `{f"{task}_{kind}": sum}` (e.g. the steps a task took part
+    in, from one 0/1 value per task and step)."""
+
+    def result(self):
+        totals = ops.convert_to_tensor(self.total)
+        return {key: totals[t] for t, key in enumerate(self.keys)}

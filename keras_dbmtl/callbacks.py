@@ -4,8 +4,8 @@
   epoch logs.
 - `TaskBalanceMonitor` logs how the tasks are balanced (weights, gradient norms, pairwise cosines, conflicts): the
   paper's Figures 8-10, into the History and TensorBoard.
-- `SkipReport` and `BalancerEpochHook`: added by `MultiTaskModel.fit` itself (warnings for skipped steps; the
-  balancer's epoch boundary).
+- `SkipReport`, `TaskReport` and `BalancerEpochHook`: added by `MultiTaskModel.fit` itself (warnings for skipped
+  steps and for tasks that train nothing; the balancer's epoch boundary).
 """
 
 import itertools
@@ -19,7 +19,7 @@ import numpy as np
 from keras_dbmtl.metrics.delta_p import _direction, _normalise_baselines, delta_p, delta_p_per_task
 from keras_dbmtl.metrics.gradient_statistics import GradientStatistics
 
-__all__ = ["DeltaP", "TaskBalanceMonitor", "SkipReport", "BalancerEpochHook", "SKIPPED_STEPS_KEY"]
+__all__ = ["DeltaP", "TaskBalanceMonitor", "SkipReport", "TaskReport", "BalancerEpochHook", "SKIPPED_STEPS_KEY"]
 
 #: The log key of the number of skipped training steps.
 SKIPPED_STEPS_KEY = "skipped_steps"
@@ -66,7 +66,15 @@ class SkipReport(keras.callbacks.Callback):
 
     def _what(self, logs):
         model = self._model_ref
-        bad = [t for t in model.task_names if not math.isfinite(float(logs.get(f"{t}_loss", 0.0)))]
+        losses = {t: float(logs.get(f"{t}_loss", 0.0)) for t in model.task_names}
+        bad = [t for t, value in losses.items() if math.isnan(value)]
+        suspects = [t for t, value in losses.items() if value == math.inf]   # see MultiTaskModel._step_logs
+        if suspects and not bad:
+            return (f"every task loss was finite, but the update made from them was not: task {suspects[0]!r} has "
+                    "a loss of 1e16 or more, the likely cause (Adam's second moment of a gradient beyond ~1e19 "
+                    "overflows float32; this batch logs that task's loss as inf). Scale that task's loss down (a "
+                    "constant factor in its loss function or compile(loss_weights=...)), lower the learning rate, "
+                    "or train with balancer='dbmtl', whose log transform makes every loss's scale irrelevant")
         if bad:
             transform = model.balancer.loss_transform
             need = "positive and finite (the log transform takes log(loss + eps))" if transform == "log" else "finite"
@@ -79,6 +87,67 @@ class SkipReport(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs and self._steps and logs.get(SKIPPED_STEPS_KEY, 0.0) >= self._steps:
             logs["loss"] = float("nan")
+
+
+class TaskReport(keras.callbacks.Callback):
+    """Warns when a task trains nothing and no step is skipped, so nothing else would say so.
+
+    - A task whose raw loss is exactly 0 (or not finite) on every applied step of an epoch took part in none of
+      them (`<task>_steps` = 0 in the logs): under the log transform its gradient is 0 (a task without labels in
+      the epoch, a masked loss that masks everything). Warned at the end of every epoch in which it happens.
+    - Under a balancer that stalls on a task whose shared gradient is exactly zero while its loss is not (a dead
+      ReLU branch of the trunk: MGDA's min-norm point and Nash-MTL's bargaining point are then zero), warned once
+      per `fit`, naming the task, at the first step where it is seen.
+    """
+
+    def __init__(self, model_ref):
+        super().__init__()
+        self._model_ref = model_ref
+        self._steps = 0
+        self._stall_warned = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch + 1
+        balancer = self._model_ref.balancer
+        if self._stall_warned or not logs or not getattr(balancer, "stalls_on_zero_gradient", False):
+            return
+        dead = [t for t in self._model_ref.task_names
+                if logs.get(f"{t}_gradient_norm") is not None and float(logs[f"{t}_gradient_norm"]) == 0.0
+                and float(logs.get(f"{t}_loss", 0.0)) > 0.0]
+        if not dead:
+            return
+        self._stall_warned = True
+        warnings.warn(
+            f"The shared gradient of task(s) {', '.join(repr(t) for t in dead)} is exactly zero while the loss is "
+            f"not (a dead ReLU branch of the shared layers, or a loss that does not depend on them). Under "
+            f"{type(balancer).__name__} the common direction is then zero (the zero gradient is in the convex "
+            "hull, and is its min-norm point), so the shared variables do not train. Check that task's path "
+            "through the shared layers, or use a balancer that treats a zero gradient as a task that does not "
+            "pull (balancer='dbmtl', 'upgrad', 'ew').",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not logs or not self._steps:
+            return
+        applied = self._steps - float(logs.get(SKIPPED_STEPS_KEY, 0.0))
+        idle = [t for t in self._model_ref.task_names
+                if logs.get(f"{t}_steps") is not None and float(logs[f"{t}_steps"]) == 0.0]
+        if applied <= 0 or not idle:
+            return
+        warnings.warn(
+            f"Epoch {epoch}: the loss of task(s) {', '.join(repr(t) for t in idle)} was exactly 0 (or not finite) "
+            f"on every one of the epoch's {int(applied)} applied steps, so these tasks trained nothing (under the "
+            "log transform a zero loss has a zero gradient). A task without labels in the epoch (every target "
+            "masked, an empty loss) does this; check its targets and sample weights. Each task's count of the "
+            "steps it took part in is logged as '<task>_steps'.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 class BalancerEpochHook(keras.callbacks.Callback):

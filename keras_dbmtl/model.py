@@ -22,7 +22,10 @@ One training step, written once with `keras.ops` for every backend, as named sta
 
 import collections
 import math
+import os
 import re
+import shutil
+import tempfile
 import weakref
 
 import keras
@@ -44,6 +47,9 @@ from keras_dbmtl.balancers import base as balancer_base
 from keras_dbmtl.balancers import registry
 
 SKIPPED_STEPS_KEY = mtl_callbacks.SKIPPED_STEPS_KEY
+#: A raw task loss from which a skipped step with finite losses is blamed on it (its gradient's square, in Adam's
+#: second moment, can pass float32's 3.4e38).
+OVERFLOW_SUSPECT_LOSS = 1e16
 
 # ---------------------------------------------------------------------- the records the stages pass on
 #: The training batch, unpacked.
@@ -387,6 +393,8 @@ class MultiTaskModel(keras.Model):
             self._task_trackers = {
                 kind: _trackers.TaskMeans(self.task_names, kind) for kind in ("loss", "weight", "gradient_norm")
             }
+            # `<task>_steps`: the applied steps of the epoch in which the task's raw loss was nonzero and finite.
+            self._task_trackers["steps"] = _trackers.TaskSums(self.task_names, "steps")
             self._skip_tracker = keras.metrics.Sum(name=SKIPPED_STEPS_KEY)
             self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
                 optimizer=optimizer, loss=loss, metrics=metrics, loss_weights=loss_weights, balancer=balancer_obj,
@@ -501,7 +509,7 @@ class MultiTaskModel(keras.Model):
         result = super().metrics
         trackers = getattr(self, "_task_trackers", None)
         if trackers and self.balancer is not None:
-            result = result + [trackers["loss"], trackers["weight"], self._skip_tracker]
+            result = result + [trackers["loss"], trackers["weight"], trackers["steps"], self._skip_tracker]
             if self.balancer.uses_task_gradients:
                 result = result + [trackers["gradient_norm"]]
         if self.gradient_statistics is not None:
@@ -611,7 +619,8 @@ class MultiTaskModel(keras.Model):
             self._apply_stage(update, batch, grads.forward, variables, scaling.inner_optimizer)
             self._metrics_stage(batch, grads.forward, update, mask)
 
-        logs = skip.run(finite, apply, lambda ok=finite: self._step_logs(ok, invalid, scaling.active))
+        raw = grads.forward.losses.raw
+        logs = skip.run(finite, apply, lambda ok=finite: self._step_logs(ok, invalid, scaling.active, raw))
         scaling.update(finite)
         return logs
 
@@ -813,6 +822,8 @@ class MultiTaskModel(keras.Model):
             norm_mask = update.refresh if mask is None else ops.logical_and(mask, update.refresh)
         self._task_trackers["loss"].update_state(raw, mask)
         self._task_trackers["weight"].update_state(weights, mask)
+        took_part = ops.logical_and(ops.not_equal(raw, 0.0), ops.isfinite(raw))
+        self._task_trackers["steps"].update_state(ops.cast(took_part, "float32"), mask)
         if norms is not None:
             self._task_trackers["gradient_norm"].update_state(norms, norm_mask)
         if self._compile_metrics is not None:
@@ -821,20 +832,28 @@ class MultiTaskModel(keras.Model):
     def _metric_logs(self):
         return dict(self.get_metrics_result())
 
-    def _step_logs(self, finite, invalid, loss_scaled):
+    def _step_logs(self, finite, invalid, loss_scaled, raw):
         """The metrics' results. A skipped batch logs a NaN loss, so that TerminateOnNaN stops on it (except a
         LossScaleOptimizer's overflow with finite losses: its normal scale adjustment), and NaN for each task at
-        fault; the epoch means count the applied steps only."""
+        fault; the epoch means count the applied steps only. Skipped with every loss finite (a gradient or the
+        optimizer's update was not finite; no LossScaleOptimizer) and the largest raw loss at least
+        `OVERFLOW_SUSPECT_LOSS` (its gradient's square can overflow float32 in Adam), that task, the likely cause,
+        logs +inf, so that `SkipReport` can name it."""
         logs = self._metric_logs()
         nan = ops.convert_to_tensor(float("nan"), "float32")
         nan_loss = ops.logical_not(finite)
         if loss_scaled:
             nan_loss = ops.logical_and(nan_loss, ops.any(invalid))
         logs["loss"] = ops.where(nan_loss, nan, logs["loss"])
+        largest = ops.equal(ops.arange(len(self.task_names)), ops.argmax(raw))
+        largest = ops.logical_and(largest, raw >= OVERFLOW_SUSPECT_LOSS)
+        suspect = ops.logical_and(largest, nan_loss)
+        suspect = ops.logical_and(suspect, ops.logical_not(ops.any(invalid)))
+        inf = ops.convert_to_tensor(float("inf"), "float32")
         for t, task in enumerate(self.task_names):
             key = f"{task}_loss"
             if key in logs:
-                logs[key] = ops.where(invalid[t], nan, logs[key])
+                logs[key] = ops.where(invalid[t], nan, ops.where(suspect[t], inf, logs[key]))
         return logs
 
     def get_metrics_result(self):
@@ -861,7 +880,8 @@ class MultiTaskModel(keras.Model):
         self._task_trackers["loss"].update_state(raw_losses)
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
         # Task weights and gradient norms exist only in training.
-        training_only = {key for kind in ("weight", "gradient_norm") for key in self._task_trackers[kind].keys}
+        training_only = {key for kind in ("weight", "gradient_norm", "steps")
+                         for key in self._task_trackers[kind].keys}
         training_only.add(SKIPPED_STEPS_KEY)
         return {key: value for key, value in logs.items() if key not in training_only}
 
@@ -889,6 +909,7 @@ class MultiTaskModel(keras.Model):
         callbacks.insert(1, mtl_callbacks.BalancerEpochHook(self))
         empty_check = input_checks.EmptyDataCheck()
         callbacks.insert(2, empty_check)
+        callbacks.insert(3, mtl_callbacks.TaskReport(self))
         try:
             return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
         except UnboundLocalError as error:        # Keras' JAX loop after an epoch without a batch
@@ -934,6 +955,30 @@ class MultiTaskModel(keras.Model):
                 iterator is not None or data_batch is not None):
             return self._symbolic_build(iterator=iterator, data_batch=data_batch)
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """As `keras.Model.save_weights`, written first to memory and then moved into place: on a full disk (or a
+        folder that cannot be written) an `OSError` names the file, the previous file at `filepath` (e.g. the last
+        good `BackupAndRestore` backup) is left whole, and the process does not crash (h5py segfaulted closing
+        a weights file whose writes failed: `benchmarks/fault_soak.py`)."""
+        path = str(filepath)
+        if max_shard_size is not None or not path.endswith(".weights.h5") or (
+                not overwrite and os.path.exists(path)):
+            return super().save_weights(filepath, overwrite=overwrite, max_shard_size=max_shard_size)
+        memory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(dir=memory) as folder:
+            staged = os.path.join(folder, os.path.basename(path))
+            super().save_weights(staged, overwrite=True)
+            partial = f"{path}.partial"
+            try:
+                shutil.copyfile(staged, partial)
+                os.replace(partial, path)
+            except OSError as error:
+                if os.path.exists(partial):
+                    os.remove(partial)
+                raise OSError(error.errno, f"Could not write the weights file {path!r}: {error.strerror} "
+                              "(a full disk or a folder that cannot be written?); the file there before, if any, "
+                              "is unchanged") from error
 
     def load_weights(self, filepath, *args, **kwargs):
         try:

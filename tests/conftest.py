@@ -3,12 +3,27 @@ import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX: compile for compile time, not for run time. The tests' programs are tiny, so XLA's optimisation passes on the
+# CPU are most of what a JAX test costs (tests/balancers/test_balancers_fit.py: 81 s -> 62 s, issue 25). The
+# programs and their semantics are the same; KERAS_DBMTL_TEST_OPTIMIZED_XLA=1 compiles them as a user's run does.
+if not os.environ.get("KERAS_DBMTL_TEST_OPTIMIZED_XLA"):
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from hypothesis import HealthCheck, settings  # noqa: E402
+
 from tests.quick_tier import is_quick  # noqa: E402
+
+# Property-based tests (Hypothesis): "ci" (the default) draws few examples, derandomised, so that CI is
+# reproducible and each property test costs seconds a backend; HYPOTHESIS_PROFILE=thorough draws many more, new
+# ones each run, for a nightly-style search. A failing example found either way becomes an explicit test.
+_PROFILE = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=8, derandomize=True, print_blob=True, **_PROFILE)
+settings.register_profile("thorough", max_examples=300, print_blob=True, **_PROFILE)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,7 @@ PAPER_TABLES = ("nyuv2_deeplabv3plus_table1.csv", "cityscapes_table2.csv", "qm9_
 # A folder outside the repository: the machine this project was written on, a user's home, a sibling checkout.
 LOCAL_PATH = re.compile("|".join([r"/" + "work/", r"\.\./" + "shared", r"/" + r"home/\w", r"/" + r"Users/\w"]))
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".json", ".txt", ".csv", ".cfg", ".yml", ".yaml", ".sh", ""}
-SKIPPED_DIRS = {".git", ".venv", "__pycache__", "node_modules"}
+SKIPPED_DIRS = {".hypothesis", ".git", ".venv", "__pycache__", "node_modules"}
 
 
 def _project_files():

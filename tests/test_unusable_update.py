@@ -23,8 +23,16 @@ def test_overflowing_adam_update_is_skipped():
                   balancer="ew")
     model.optimizer.build(model.trainable_variables)
     weights, slots = _values(model.trainable_variables), _values(model.optimizer.variables)
-    with pytest.warns(RuntimeWarning, match=r"optimizer's update made from finite gradients was not.*skipped"):
+    # The warning names the task whose loss is the likely cause and says what to do about it.
+    with pytest.warns(RuntimeWarning) as warned:
         history = model.fit(X, dict(zip(model.task_names, Y)), batch_size=len(X), epochs=2, verbose=0)
+    messages = [str(w.message) for w in warned if "skipped" in str(w.message)]
+    assert len(messages) == 2, messages
+    for message in messages:
+        assert "every task loss was finite, but the update made from them was not" in message
+        assert "task 'task0' has a loss of 1e16 or more" in message and "'task1'" not in message
+        assert "Scale that task's loss down" in message and "lower the learning rate" in message
+        assert "balancer='dbmtl'" in message
     assert history.history["skipped_steps"] == [1.0, 1.0]
     assert all(np.isnan(history.history["loss"]))           # TerminateOnNaN stops on it
     for a, b in zip(_values(model.trainable_variables), weights):

@@ -419,7 +419,43 @@ def make_tf_dataset(root, split="train", tasks=("segmentation", "depth", "normal
     seeds = tf.data.Dataset.random(seed=seed)
     dataset = tf.data.Dataset.zip((dataset, seeds))
     dataset = dataset.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size, drop_remainder=drop_last).prefetch(tf.data.AUTOTUNE)
+    return _with_data_errors(dataset.batch(batch_size, drop_remainder=drop_last).prefetch(tf.data.AUTOTUNE))
+
+
+def _with_data_errors(dataset):
+    """`dataset` (the same pipeline, same variant) whose Python iterators raise the loader's `DataError` where
+    TensorFlow would raise the error it wrapped it in (InvalidArgumentError from `tf.numpy_function`): iterating
+    the dataset, as `for batch in dataset`, Keras' JAX and torch loops and `as_numpy_iterator` do, gives the
+    same error as `SceneDataset`. (TensorFlow's own `fit` reads the pipeline inside its compiled step:
+    `tf_data_errors_unwrapped` around it does the same there.)"""
+    import tensorflow as tf
+    from tensorflow.python.data.ops import dataset_ops, iterator_ops
+
+    class DataErrorIterator(iterator_ops.OwnedIterator):
+        def __init__(self, source):
+            self._data_errors_seen = _LastDataError.count    # a prefetched load may fail before the next() it reaches
+            super().__init__(source)
+
+        def _next_internal(self):
+            try:
+                return super()._next_internal()
+            except tf.errors.OutOfRangeError:                # the end of the data: StopIteration in __next__
+                raise
+            except tf.errors.OpError as error:
+                if _LastDataError.count > self._data_errors_seen and _LastDataError.error is not None:
+                    raise _LastDataError.error from error
+                raise
+
+    class DataErrorDataset(dataset_ops.UnaryUnchangedStructureDataset):
+        def __init__(self, source):
+            super().__init__(source, source._variant_tensor)
+
+        def __iter__(self):
+            if tf.executing_eagerly():
+                return DataErrorIterator(self)
+            return super().__iter__()
+
+    return DataErrorDataset(dataset)
 
 
 # -------------------------------------------------------------------------------------------- synthetic files

@@ -145,6 +145,9 @@ class Balancer(keras.layers.Layer):
     uses_task_gradients = False
     #: Whether `compile(loss_weights=...)` has a meaning with this balancer (static weights on the raw losses).
     accepts_loss_weights = False
+    #: Whether one task with a loss but an exactly zero shared gradient (a dead ReLU branch) stops every task (the
+    #: min-norm point is zero: MGDA, Nash-MTL); `fit` then warns once, naming the task (callbacks.TaskReport).
+    stalls_on_zero_gradient = False
 
     def __init__(self, loss_transform=None, eps=1e-8, **kwargs):
         kwargs.setdefault("dtype", "float32")

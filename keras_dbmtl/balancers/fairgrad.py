@@ -25,11 +25,13 @@ from keras_dbmtl.balancers.registry import register
 def fair_weights(gramian, alpha):
     """G w = w^(-1/alpha) solved in the variables v = N w (N = diag ||g_t||, G = N C N, C the cosine matrix):
     C v = ||g||^(1/alpha - 1) v^(-1/alpha). float32 then sees only the cosines, however far apart the norms are
-    (on G itself the error reached 19 % with norms spanning 1e4)."""
-    norms = ops.maximum(ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0)), 1e-30)
-    cosines = gramian / norms[:, None] / norms[None, :]
+    (on G itself the error reached 19 % with norms spanning 1e4). A task whose gradient is exactly zero (a dead
+    ReLU branch) is left out of the equation and weighted as the mean of the others (`solvers.live_cosines`):
+    it cannot pull the shared direction, and it must not stop the other tasks (its weight would be infinite)."""
+    norms, cosines, live = solvers.live_cosines(gramian)
     coefficients = ops.power(norms, 1.0 / alpha - 1.0)
-    return solvers.power_fair_weights(cosines, alpha, coefficients=coefficients) / norms
+    weights = solvers.power_fair_weights(cosines, alpha, coefficients=coefficients) / norms
+    return solvers.weights_for_dead_tasks(weights, live)
 
 
 @register("fairgrad")

@@ -13,7 +13,10 @@ are rejected.
 
 The min-norm problem is solved on the T x T Gramian by `solvers.min_norm_weights` (FISTA + exact polish on the
 support, fixed iterations, inside the compiled step). needs = "gramian": the Jacobian is never concatenated.
-No eps is added to the normaliser (an exactly zero one is replaced by 1). Measured accuracy (float32 against float64
+No eps is added to the normaliser (an exactly zero one is replaced by 1). A task whose shared gradient is exactly zero
+while its loss is not (a dead ReLU branch) makes zero the min-norm point: the shared variables then do not train,
+as the method defines it; `stalls_on_zero_gradient` makes `fit` warn once, naming the task (`callbacks.TaskReport`).
+(A task without labels in a batch, loss and gradient exactly 0, is left out instead: see `TaskJacobian.labelled`.) Measured accuracy (float32 against float64
 over the scale battery, `tests/balancers/test_scale_battery.py`):
 ||d - d*|| <= 1e-4 max_t ||g_t / n_t|| in every normalisation (d*: NNLS in float64); measured <= 5e-8 except a
 rank-deficient "l2" problem (T = 40, P = 6) at 6e-5.
@@ -40,6 +43,8 @@ class MGDA(GramianBalancer):
             transform.
         scale_heads: multiply each head's gradient by its task weight (default True, the paper's code).
     """
+
+    stalls_on_zero_gradient = True
 
     def __init__(self, normalization=None, scale_heads=True, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

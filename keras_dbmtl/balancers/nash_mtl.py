@@ -75,11 +75,12 @@ class NashMTL(GramianBalancer):
         # G alpha = 1/alpha on the real Gramian (Section 3.1), solved in the variables beta_t = ||g_t|| alpha_t:
         # C beta = 1/beta with C the cosine matrix (G = N C N, N = diag ||g_t||), so alpha = beta / ||g_t|| is exactly
         # scale-equivariant and float32 sees only the cosines, however far apart the gradient norms are.
-        norms = ops.maximum(ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0)), 1e-30)
-        cosines = gramian / norms[:, None] / norms[None, :]
+        # A task with an exactly zero gradient (a dead ReLU branch) is left out of the equation (its alpha would
+        # be infinite) and weighted as the mean of the others: `solvers.live_cosines`.
+        norms, cosines, live = solvers.live_cosines(gramian)
         previous = ops.convert_to_tensor(self.alpha) * norms                     # warm start (0 before step 1)
         beta = solvers.power_fair_weights(cosines, 1.0, start=_better_start(cosines, previous))
-        alpha = beta / norms
+        alpha = solvers.weights_for_dead_tasks(beta / norms, live)
         refresh = ops.logical_and(ops.equal(ops.mod(step, float(self.update_weights_every)), 0.0),
                                   ops.all(ops.isfinite(alpha)))
         alpha = ops.where(refresh, alpha, self.alpha.value)

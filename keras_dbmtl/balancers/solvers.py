@@ -328,6 +328,32 @@ def cagrad_weights(gramian, c, iterations=CAGRAD_ITERATIONS):
     return _simplex_active_set(normalized, b, phi, weights)
 
 
+def live_cosines(gramian):
+    """(norms, cosines, live) of a Gramian G = N C N (N = diag ||g_t||, C the cosine matrix), for the solvers that
+    work on C (FairGrad, Nash-MTL). A task whose gradient is exactly zero while others' are not (a dead ReLU branch
+    of the shared layers) has no direction: C would have a zero row and G w = w^(-1/alpha) no solution (its weight
+    would be infinite and every step unusable). Such a task gets the identity's row and column of C and norm 1, so
+    the solver sees it as an orthogonal unit task and the other tasks' equations are exactly theirs; `live` (T,)
+    is False for it, and its weight is then `weights_for_dead_tasks`'s."""
+    norms = ops.sqrt(ops.maximum(ops.diagonal(gramian), 0.0))
+    live = norms > 1e-30
+    norms = ops.where(live, norms, 1.0)
+    both = ops.logical_and(live[:, None], live[None, :])
+    eye = ops.eye(ops.shape(gramian)[-1], dtype=gramian.dtype)
+    cosines = ops.where(both, gramian / norms[:, None] / norms[None, :], eye)
+    return norms, cosines, live
+
+
+def weights_for_dead_tasks(weights, live):
+    """`weights` with each task that is not `live` (an exactly zero gradient, `live_cosines`) given the mean weight
+    of the live tasks (1 when none is): its gradient adds nothing to the shared direction, and its head trains at
+    the others' scale."""
+    live_weights = ops.where(live, weights, 0.0)
+    count = ops.sum(ops.cast(live, weights.dtype))
+    mean = ops.where(count > 0, ops.sum(live_weights) / ops.maximum(count, 1.0), 1.0)
+    return ops.where(live, weights, mean)
+
+
 def power_fair_weights(gramian, alpha=1.0, start=None, iterations=NEWTON_ITERATIONS, coefficients=None):
     """The w > 0 solving G w = c w^(-1/alpha) (c = `coefficients`, default 1), by Newton's method on
     f(w) = w^T G w / 2 - sum_i c_i psi(w_i).

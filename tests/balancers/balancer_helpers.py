@@ -74,3 +74,49 @@ def tiny_model(tasks=("a", "b", "c"), seed=0):
 
     encoder = keras.Sequential([keras.layers.Dense(8, activation="relu")])
     return MultiTaskModel(encoder=encoder, heads={t: keras.layers.Dense(1) for t in tasks})
+
+
+_TRACED = {}
+
+
+def first_step(name, num_tasks, num_parameters, **kwargs):
+    """`_trace_first_step`, traced once per balancer, shape and arguments for the session."""
+    key = (name, num_tasks, num_parameters, tuple(sorted(kwargs.items())))
+    if key not in _TRACED:
+        _TRACED[key] = _trace_first_step(name, num_tasks, num_parameters, **kwargs)
+    return _TRACED[key]
+
+
+def _trace_first_step(name, num_tasks, num_parameters, **kwargs):
+    """`(jacobian, losses) -> (direction, weights)` of a fresh balancer's first step, traced once (jax.jit,
+    tf.function; eager on torch): the solvers' fixed iterations are slow op by op in eager JAX. A loss balancer's
+    direction is its weights times the Jacobian, read as the gradients of the transformed losses."""
+    import keras
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
+    from keras_dbmtl import balancers
+
+    balancer = built(balancers.get(name, **kwargs), num_tasks, num_parameters)
+    initial = [v.value for v in balancer.variables]
+
+    def step(jacobian, losses):
+        with StatelessScope(state_mapping=list(zip(balancer.variables, initial))):
+            if not balancer.uses_task_gradients:
+                loss, weights = balancer.combine_losses(balancer.task_losses(losses))
+                return keras.ops.matmul(weights[None, :], jacobian)[0] + 0.0 * loss, weights
+            result = balancer.aggregate(balancer.task_losses(losses), TaskJacobian([jacobian], num_tasks))
+            weights = result.task_weights
+            if result.shared_direction is None:
+                return keras.ops.matmul(weights[None, :], jacobian)[0], weights
+            return result.shared_direction, weights
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        step = jax.jit(step)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(step)
+    return lambda jacobian, losses: tuple(numpy(v) for v in step(tensor(jacobian), tensor(losses)))

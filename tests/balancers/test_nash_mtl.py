@@ -70,3 +70,20 @@ def test_clipping_norm_of_anti_collinear_gradients():
     direction, weights, _ = aggregate(built(NashMTL(max_norm=1.0), 2, 4), jacobian, np.ones(2))
     norm = np.linalg.norm(weights @ jacobian)                                # float64, from the vectors
     assert np.all(np.isfinite(weights)) and norm <= 1.0 + 1e-5, norm
+
+
+def test_a_task_with_a_zero_gradient_does_not_stop_the_others():
+    """A dead task (exactly zero gradient) has no positive solution of its row of G alpha = 1/alpha: it is left out,
+    the live tasks get the bargaining solution of their own Gramian (fsolve) and the dead one their mean alpha;
+    two steps, so the warm start from the stored alpha also holds (before: infinite alpha, every step skipped)."""
+    rng = np.random.default_rng(4)
+    live = random_jacobian(rng, 3, 9) * np.array([[1e2], [1.0], [1e-2]])
+    jacobian = np.insert(live, 3, 0.0, axis=0)                                 # task 3 dead
+    alpha = _nash_numpy(live)
+    balancer = built(NashMTL(max_norm=0.0), 4, 9)
+    for _ in range(2):
+        direction, weights, heads = aggregate(balancer, jacobian, np.ones(4))
+        np.testing.assert_allclose(weights[:3], alpha, rtol=1e-3)
+        np.testing.assert_allclose(weights[3], np.mean(alpha), rtol=1e-3)
+        np.testing.assert_allclose(heads, weights)
+        np.testing.assert_allclose(direction, alpha @ live, rtol=1e-3, atol=1e-6 * np.abs(alpha @ live).max())

@@ -13,7 +13,7 @@ A new balancer gets the finiteness checks by being registered; the lists below n
 
 import numpy as np
 import pytest
-from balancer_helpers import LOSSES, built, numpy, tensor
+from balancer_helpers import LOSSES, built, first_step, numpy, tensor
 
 from keras_dbmtl import balancers, gradients
 from keras_dbmtl.balancers import TaskJacobian
@@ -68,47 +68,7 @@ def _conflicting(num_tasks=3, num_parameters=5, seed=0):
 
 def _gradient_output(name, jacobian, losses, **kwargs):
     """(direction, weights) of a fresh balancer's first step."""
-    return _first_step(name, *jacobian.shape, **kwargs)(jacobian, losses)
-
-
-_TRACED = {}
-
-
-def _first_step(name, num_tasks, num_parameters, **kwargs):
-    """`_trace_first_step`, traced once per balancer, shape and arguments for the whole module."""
-    key = (name, num_tasks, num_parameters, tuple(sorted(kwargs.items())))
-    if key not in _TRACED:
-        _TRACED[key] = _trace_first_step(name, num_tasks, num_parameters, **kwargs)
-    return _TRACED[key]
-
-
-def _trace_first_step(name, num_tasks, num_parameters, **kwargs):
-    """`(jacobian, losses) -> (direction, weights)` of a fresh balancer's first step, traced once (jax.jit,
-    tf.function; eager on torch): the solvers' fixed iterations are slow op by op in eager JAX."""
-    import keras
-    from keras.src.backend.common.stateless_scope import StatelessScope
-
-    balancer = built(balancers.get(name, **kwargs), num_tasks, num_parameters)
-    initial = [v.value for v in balancer.variables]
-
-    def step(jacobian, losses):
-        with StatelessScope(state_mapping=list(zip(balancer.variables, initial))):
-            result = balancer.aggregate(balancer.task_losses(losses), TaskJacobian([jacobian], num_tasks))
-            weights = result.task_weights
-            if result.shared_direction is None:
-                return keras.ops.matmul(weights[None, :], jacobian)[0], weights
-            return result.shared_direction, weights
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        step = jax.jit(step)
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        step = tf.function(step)
-    return lambda jacobian, losses: tuple(numpy(v) for v in step(tensor(jacobian), tensor(losses)))
+    return first_step(name, *jacobian.shape, **kwargs)(jacobian, losses)
 
 
 def _loss_output(name, losses):
@@ -164,9 +124,9 @@ def test_finite_on_extreme_inputs(name):
     base = _conflicting()
     cases = {f"scale {s:g}": s * base for s in (0.0, 1e-15, 1e-8, 1.0, 1e8, 1e15)}
     cases.update(_rank_deficient())
-    first_step = _first_step(name, *base.shape)
+    step = first_step(name, *base.shape)
     for label, jacobian in cases.items():
-        direction, weights = first_step(jacobian, np.array([2.0, 0.5, 1.5]))
+        direction, weights = step(jacobian, np.array([2.0, 0.5, 1.5]))
         assert np.all(np.isfinite(direction)), (label, direction)
         assert np.all(np.isfinite(weights)), (label, weights)
 
@@ -193,9 +153,9 @@ def test_permuting_tasks_permutes_weights(name):
         np.testing.assert_allclose(permuted_weights, weights[order], rtol=1e-4, atol=1e-7)
         return
     jacobian = _conflicting()
-    first_step = _first_step(name, *jacobian.shape)
-    direction, weights = first_step(jacobian, losses)
-    permuted_direction, permuted_weights = first_step(jacobian[order], losses[order])
+    step = first_step(name, *jacobian.shape)
+    direction, weights = step(jacobian, losses)
+    permuted_direction, permuted_weights = step(jacobian[order], losses[order])
     np.testing.assert_allclose(permuted_weights, weights[order], rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(permuted_direction, direction, rtol=1e-3, atol=1e-5)
 

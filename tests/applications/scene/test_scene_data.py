@@ -245,6 +245,25 @@ def test_bad_file_in_tf_data_pipeline_names_the_file(nyu_root):
     assert path in str(error.value) and "truncated" in str(error.value)
 
 
+def test_truncated_label_in_tf_data_pipeline_raises_the_numpy_paths_data_error(nyu_root):
+    """Iterating `make_tf_dataset` (a loop, `as_numpy_iterator`, Keras' JAX and torch loops) raises the loader's
+    DataError, with the message `SceneDataset` gives for the same file, not TensorFlow's InvalidArgumentError."""
+    pytest.importorskip("tensorflow")
+    from applications.common import DataError
+
+    path = os.path.join(nyu_root, "val", "label", "1.npy")
+    _truncate(path, lambda n: n - 100)
+    with pytest.raises(DataError) as numpy_path:
+        SceneDataset(nyu_root, "test", tasks=NYU_TASKS, batch_size=1)[1]
+    dataset = make_tf_dataset(nyu_root, "test", tasks=NYU_TASKS, batch_size=1)
+    for iterate in (iter, lambda d: d.as_numpy_iterator()):
+        with pytest.raises(DataError) as error:
+            for _ in iterate(dataset):
+                pass
+        assert str(error.value) == str(numpy_path.value)
+        assert path in str(error.value) and "truncated or not a .npy file" in str(error.value)
+
+
 def test_missing_layout_names_the_folder(tmp_path):
     from applications.common import MissingDataError
 
