@@ -21,6 +21,7 @@ must be 0; each is printed with its traceback's last line). The counts go to
 (as `benchmarks/report.py` does when run_all.py regenerates it).
 
     KERAS_BACKEND=jax .venv/bin/python benchmarks/fault_soak.py --runs 200
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/fault_soak.py --runs 200 --resume   # after a stop
     .venv/bin/python benchmarks/fault_soak.py --write-results
 """
 
@@ -262,14 +263,18 @@ RUNNERS = {"none": run_none, "nan_batch": run_nan_batch, "sigkill": run_sigkill,
            "corrupt_backup": run_corrupt_backup, "disk_full": run_disk_full}
 
 
-def soak(runs, first_seed=0):
+def soak(runs, first_seed=0, previous=None, save=None):
+    """Runs `runs` fits from seed `first_seed` on, after the `previous` result's runs (resumed: its counts are
+    kept and its seeds skipped); `save(result)` is called after every run, so that a stopped soak keeps its counts."""
     import keras
 
-    counts = collections.Counter()
-    by_fault = collections.defaultdict(collections.Counter)
-    others = []
-    begin = time.time()
-    for index in range(runs):
+    previous = previous or {"runs": 0, "seconds": 0.0, "outcomes": {}, "by_fault": {}, "others": []}
+    counts = collections.Counter(previous["outcomes"])
+    by_fault = collections.defaultdict(collections.Counter,
+                                       {k: collections.Counter(v) for k, v in previous["by_fault"].items()})
+    others = list(previous["others"])
+    begin = time.time() - previous["seconds"]
+    for index in range(previous["runs"], runs):
         spec = draw_spec(first_seed + index)
         folder = tempfile.mkdtemp(prefix="soak-")
         try:
@@ -286,10 +291,13 @@ def soak(runs, first_seed=0):
             print(f"  OTHER run {index}: {spec} -> {detail}", flush=True)
         print(f"[{index + 1}/{runs}] {spec['fault']:14s} {spec['balancer']:9s} T={spec['tasks']} -> {outcome}"
               f" ({time.time() - begin:.0f} s)", flush=True)
-    return {"backend": keras.backend.backend(), "runs": runs, "first_seed": first_seed,
-            "seconds": round(time.time() - begin, 1), "outcomes": dict(counts),
-            "by_fault": {k: dict(v) for k, v in by_fault.items()}, "others": others,
-            "faults_injected": runs - by_fault["none"].total()}
+        result = {"backend": keras.backend.backend(), "runs": index + 1, "first_seed": first_seed,
+                  "seconds": round(time.time() - begin, 1), "outcomes": dict(counts),
+                  "by_fault": {k: dict(v) for k, v in by_fault.items()}, "others": others,
+                  "faults_injected": index + 1 - by_fault["none"].total()}
+        if save is not None:
+            save(result)
+    return result
 
 
 def write_results(results_md=os.path.join(ROOT, "benchmarks", "RESULTS.md")):
@@ -315,6 +323,8 @@ def main():
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--worker", nargs=4, metavar=("SPEC", "FOLDER", "SAVE_FREQ", "KILL_AFTER"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the counts stored for this backend (a soak that was stopped)")
     parser.add_argument("--write-results", action="store_true",
                         help="only put the stored counts of every backend into benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -325,13 +335,25 @@ def main():
         spec, folder, save_freq, kill_after = args.worker
         worker(json.loads(spec), folder, int(save_freq), int(kill_after))
         return
+    import keras
+
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, f"{keras.backend.backend()}.json")
+    previous = None
+    if args.resume and os.path.exists(path):
+        with open(path) as handle:
+            previous = json.load(handle)
+        if previous["first_seed"] != args.first_seed:
+            parser.error(f"{path} started from seed {previous['first_seed']}, not {args.first_seed}")
+
+    def save(result):
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=1)
+
     try:
-        result = soak(args.runs, args.first_seed)
+        result = soak(args.runs, args.first_seed, previous, save)
     finally:
         unmount_full_disk()
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, f"{result['backend']}.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
     print(json.dumps({k: result[k] for k in ("backend", "runs", "faults_injected", "outcomes", "seconds")}))
     sys.exit(1 if result["outcomes"].get("other") else 0)
 
