@@ -3,7 +3,8 @@ dtypes, shapes, NaN/inf placements and batch sizes no one wrote by hand.
 
 The property: a fit either trains (every logged task weight finite, the per-task logs present, a warning whenever
 a step was skipped) or raises a ValueError / TypeError that names the task or the argument at fault; never a
-backend exception, never NaN weights, never an epoch skipped without a word. Examples per test: the Hypothesis
+backend exception, never NaN weights, never an epoch skipped without a word. And the invariance DB-MTL claims:
+a task's loss scaled by any c changes nothing it trains. Examples per test: the Hypothesis
 profile (tests/conftest.py). A failing example Hypothesis finds becomes an explicit test below the properties.
 """
 
@@ -123,3 +124,43 @@ def test_inputs_of_any_structure_and_dtype_train_or_are_refused_by_name(data, pe
     model.compile(optimizer="sgd", loss="mse", balancer="dbmtl")
     _fit_or_refuse(model, x, y, batch_size, sample_weight=sample_weight,
                    named=("'a'", "'b'", "x", "y", "sample_weight", "task", "the dataset is empty"))
+
+
+_SCALING = {}
+
+
+def _scaling_model():
+    """One compiled DB-MTL model for every example (the scale reaches it as a sample weight: data, not a new
+    program), with its initial weights (the balancer's EMA and step counter included)."""
+    if "model" not in _SCALING:
+        model = _model(("a", "b"), seed=3)
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", balancer="dbmtl")
+        x = np.zeros((8, 3), "float32")
+        model.fit(x, {"a": x[:, :1], "b": x[:, :1]}, batch_size=8, epochs=1, verbose=0)   # builds everything
+        _SCALING["model"], _SCALING["initial"] = model, None
+    return _SCALING["model"]
+
+
+@given(log_scale=st.floats(-3.0, 4.0), task=st.sampled_from(("a", "b")))
+def test_scaling_a_task_loss_changes_nothing_under_dbmtl(log_scale, task):
+    """DB-MTL's log transform makes a task's loss scale irrelevant (Section 3.1: grad log(c l) = grad l / l): three
+    steps with task `task`'s loss multiplied by c (a sample weight of c on every sample) end on the same weights,
+    shared and per task, as with c = 1."""
+    model = _scaling_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 3)).astype("float32")
+    y = {"a": (x @ rng.normal(size=(3, 1))).astype("float32") + 2.0,
+         "b": np.sin(x[:, :1] * 3.0).astype("float32") + 2.0}
+    if _SCALING["initial"] is None:
+        _SCALING["initial"] = model.get_weights()
+
+    def trained(scale):
+        model.set_weights(_SCALING["initial"])
+        weights = {t: np.full(24, scale if t == task else 1.0, "float32") for t in ("a", "b")}
+        model.fit(x, y, sample_weight=weights, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    reference, scaled = trained(1.0), trained(10.0 ** log_scale)
+    for start, a, b in zip(_SCALING["initial"], reference, scaled):
+        moved = np.abs(a - start).max()
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-3 * moved + 1e-6)
