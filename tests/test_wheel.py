@@ -86,3 +86,8 @@ def test_the_wheel_builds_checks_installs_alone_and_trains(tmp_path):
     script.write_text(USER_SCRIPT)
     out = _run([python, str(script)], cwd=tmp_path, env=env)
     assert str(venv) in out
+
+    # the README's first command a user runs, from the installed wheel (2 epochs: it runs, prints its table)
+    quickstart = os.path.join(ROOT, "examples", "quickstart.py")
+    out = _run([python, quickstart], cwd=tmp_path, env={**env, "QUICKSTART_EPOCHS": "2"})
+    assert "backend jax, 3 seeds, 2 epochs" in out and out.count("±") == 1 + 4, out

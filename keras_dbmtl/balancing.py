@@ -1,0 +1,107 @@
+"""The balancing core: what every front door calls, written once with `keras.ops`.
+
+One balanced step, whatever trains the network (`MultiTaskModel.fit`, a user's JAX/optax step, a plain PyTorch
+or TensorFlow loop):
+
+    raw task losses (T,)
+      -> `balancer.task_losses(raw)`: `TaskLosses(raw, transformed)`      the loss transform (log under DB-MTL)
+      -> the task Jacobian of `transformed` on the shared variables      the caller's autodiff
+         (one (T, *shape) block per shared variable) and each task's
+         own gradients (of its transformed loss, on its own variables)
+      -> `balance(balancer, losses, shared_blocks, task_gradients)`     this module
+      -> `Balanced(shared, heads, task_weights, head_weights, jacobian)`: one direction per shared variable,
+         each task's own gradients times its head weight                 the caller's optimizer
+
+A loss-level balancer (`uses_task_gradients = False`) needs no Jacobian: `combine_losses(losses)` gives the
+scalar to differentiate once and the task weights (`combine`).
+
+What a front door reads of a balancer (the protocol; `keras_dbmtl.balancers.base.Balancer` implements it):
+
+    build(num_tasks, num_shared_parameters, task_names, shared_shapes)    state, sized once
+    uses_task_gradients                     gradient level (True: `aggregate`) or loss level (`combine_losses`)
+    task_losses(raw) -> TaskLosses;  invalid_losses(raw) -> (T,) bool
+    aggregate(losses, task_jacobian) -> Aggregation   |   combine_losses(losses) -> (loss, weights)
+    trainable_variables                     learned balancer parameters (UW, IMTL, IMTL-L, GradNorm): they get
+                                            the gradient of sum_t transformed_t and the network's optimizer
+    after_step(raw, losses_after), on_epoch_end(epoch)                   hooks (FAMO, DWA)
+"""
+
+import collections
+import math
+
+from keras import ops
+
+from keras_dbmtl.balancers import base as balancer_base
+from keras_dbmtl.balancers import registry
+
+#: The balanced step: `shared`, one direction per shared variable (the shapes of the Jacobian's blocks);
+#: `heads`, for each task, its own gradients times its head weight; `task_weights` (T,) to log; `head_weights`
+#: (T,) or None (all ones); `jacobian`, the step's `TaskJacobian`.
+Balanced = collections.namedtuple("Balanced", ["shared", "heads", "task_weights", "head_weights", "jacobian"])
+
+
+def resolve(balancer, **kwargs):
+    """A balancer object from a registered name (with its hyperparameters as `kwargs`) or a `Balancer`."""
+    if isinstance(balancer, balancer_base.Balancer):
+        if kwargs:
+            raise TypeError(f"Hyperparameters {sorted(kwargs)} were given with a balancer object; set them when "
+                            f"creating it, or pass its name: {type(balancer).__name__}({', '.join(kwargs)}=...).")
+        return balancer
+    if isinstance(balancer, str):
+        return registry.get(balancer, **kwargs)
+    raise TypeError(f"balancer must be a registered name ({', '.join(registry.names())}) or a "
+                    f"keras_dbmtl.balancers.Balancer object, not {type(balancer).__name__}.")
+
+
+def build(balancer, task_names, shared_shapes):
+    """Sizes the balancer's state for `task_names` and shared variables of `shared_shapes` (once)."""
+    shapes = [tuple(int(d) for d in shape) for shape in shared_shapes]
+    if not balancer.built:
+        balancer.build(len(task_names), sum(math.prod(shape) for shape in shapes), list(task_names),
+                       shared_shapes=shapes)
+    return balancer
+
+
+def split_flat(flat, shapes):
+    """A flat (P,) tensor as one tensor per shape."""
+    pieces, start = [], 0
+    for shape in shapes:
+        size = math.prod(int(d) for d in shape)
+        pieces.append(ops.reshape(flat[start : start + size], tuple(shape)))
+        start += size
+    return pieces
+
+
+def balance(balancer, losses, shared_blocks, task_gradients=None, labelled=None, gradient_statistics=None):
+    """The gradient-level balance of one step.
+
+    Args:
+        balancer: a built gradient-level balancer.
+        losses: `TaskLosses` (raw and transformed, (T,) float32).
+        shared_blocks: the task Jacobian of the transformed losses, one (T, *shape) tensor per shared variable.
+        task_gradients: for each task, the gradients of its transformed loss on its own variables (or None).
+        labelled: None, or (T,) bool: False for a task without labels in this batch (`TaskJacobian.labelled`).
+        gradient_statistics: a `keras_dbmtl.metrics.GradientStatistics` to update with the Gramian, or None.
+
+    Returns:
+        `Balanced`: the shared direction `d = w^T J` (or the balancer's own flat direction, split per variable)
+        and each head's gradients times its head weight.
+    """
+    num_tasks = int(shared_blocks[0].shape[0])
+    jacobian = balancer_base.TaskJacobian(shared_blocks, num_tasks, labelled)
+    if gradient_statistics is not None:
+        gradient_statistics.update_state(jacobian.gramian())
+    aggregation = balancer.aggregate(losses, jacobian)
+    if aggregation.shared_direction is None:
+        shared = jacobian.weighted_sum_blocks(aggregation.task_weights)
+    else:
+        shared = split_flat(aggregation.shared_direction, [block.shape[1:] for block in jacobian.blocks])
+    heads = [list(group) for group in (task_gradients or [[] for _ in range(num_tasks)])]
+    if aggregation.head_weights is not None:
+        heads = [[g * ops.cast(aggregation.head_weights[t], g.dtype) for g in group] for t, group in enumerate(heads)]
+    return Balanced(shared, heads, aggregation.task_weights, aggregation.head_weights, jacobian)
+
+
+def combine(balancer, losses):
+    """The loss-level balance: (scalar loss to differentiate once, (T,) task weights)."""
+    return balancer.combine_losses(losses)
