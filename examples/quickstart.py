@@ -13,7 +13,7 @@ bottleneck: the trunk cannot serve both tasks fully, and what it serves is decid
   norm: the small task is learned as well.
 
 Printed: each task's validation MSE divided by its target variance (1.0 = predicting the mean; lower is better),
-mean ± standard deviation over 3 seeds, for EW and DB-MTL, after 30 epochs (both methods' curves have settled
+mean ± sample standard deviation over 3 seeds, for EW and DB-MTL, after 30 epochs (both methods' curves have settled
 by then: the figure). 20-50 s on 2 CPU cores.
 """
 
@@ -65,16 +65,21 @@ def run(balancer, seed, epochs=EPOCHS):
             for task in SCALES}
 
 
+def _std(values):
+    """The sample standard deviation over seeds (0 for one seed)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def main(write_results=False, seeds=SEEDS, epochs=EPOCHS):
     begin = time.time()
     curves = {method: [run(method, seed, epochs) for seed in seeds] for method in METHODS}
     seconds = time.time() - begin
     final = {method: {task: [runs[task][-1] for runs in curves[method]] for task in SCALES} for method in METHODS}
     print(f"\nbackend {keras.backend.backend()}, {len(seeds)} seeds, {epochs} epochs, {seconds:.0f} s")
-    print(f"{METRIC}; mean ± std over seeds (lower is better)")
+    print(f"{METRIC}; mean ± sample std over seeds (lower is better)")
     print("balancer  " + "".join(f"{task:>18}" for task in SCALES))
     for method in METHODS:
-        cells = [f"{np.mean(final[method][t]):.3f} ± {np.std(final[method][t]):.3f}" for t in SCALES]
+        cells = [f"{np.mean(final[method][t]):.3f} ± {_std(final[method][t]):.3f}" for t in SCALES]
         print(f"{method:<8}  " + "".join(f"{cell:>18}" for cell in cells))
     if write_results:
         write(final, curves, seeds, epochs, seconds)

@@ -8,9 +8,11 @@ model.compile(optimizer="adam", loss={"seg": ..., "depth": ...}, balancer="dbmtl
 """
 
 from keras_dbmtl import architectures
+from keras_dbmtl import balancing
 from keras_dbmtl import balancers
 from keras_dbmtl import callbacks
 from keras_dbmtl import distributed
+from keras_dbmtl import functional
 from keras_dbmtl import gradients
 from keras_dbmtl import losses
 from keras_dbmtl import metrics
@@ -18,4 +20,18 @@ from keras_dbmtl.model import MultiTaskModel
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiTaskModel", "architectures", "balancers", "callbacks", "distributed", "gradients", "losses", "metrics", "__version__"]
+#: The front doors for a user's own training loop, imported on first use (each needs its backend installed):
+#: `keras_dbmtl.jax` (a pure transform for a jitted optax step), `keras_dbmtl.torch` (`Balancer.backward` in a
+#: plain PyTorch loop), `keras_dbmtl.tensorflow` (a `tf.GradientTape` loop).
+_DOORS = ("jax", "torch", "tensorflow")
+
+
+def __getattr__(name):
+    if name in _DOORS:
+        import importlib
+
+        return importlib.import_module(f"keras_dbmtl.{name}")
+    raise AttributeError(f"module 'keras_dbmtl' has no attribute {name!r}")
+
+
+__all__ = ["MultiTaskModel", "architectures", "balancers", "balancing", "callbacks", "distributed", "functional", "gradients", "losses", "metrics", "__version__"]

@@ -9,10 +9,11 @@ sum / number of elements. Everything else, and every other backend (traced once)
 
 import math
 
-import keras
 from keras import ops
 from keras.src.backend import get_keras_mask
 from keras.src.losses.losses import LossFunctionWrapper
+
+from keras_dbmtl import gradients as gradient_backends
 
 
 def _plain_tensor(value):
@@ -22,7 +23,7 @@ def _plain_tensor(value):
 def task_loss(loss, y_true, y_pred, sample_weight=None):
     """`loss(y_true, y_pred, sample_weight=sample_weight)`, the same value."""
     direct = (
-        keras.backend.backend() == "torch"
+        gradient_backends.branches_in_python()        # an eager step (torch), where the wrapping costs
         and sample_weight is None
         and isinstance(loss, LossFunctionWrapper) and type(loss).call is LossFunctionWrapper.call
         and loss.reduction == "sum_over_batch_size"

@@ -44,5 +44,6 @@ class TaskSums(TaskMeans):
     in, from one 0/1 value per task and step)."""
 
     def result(self):
-        totals = ops.convert_to_tensor(self.total)
+        # A copy: on torch the variable's tensor is a view, which validation's reset_state would zero in the logs.
+        totals = ops.copy(ops.convert_to_tensor(self.total))
         return {key: totals[t] for t, key in enumerate(self.keys)}

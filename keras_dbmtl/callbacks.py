@@ -16,7 +16,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_dbmtl.metrics.delta_p import _direction, _normalise_baselines, delta_p, delta_p_per_task
+from keras_dbmtl.metrics.delta_p import delta_p, delta_p_per_task, group_baselines, is_higher_better
 from keras_dbmtl.metrics.gradient_statistics import GradientStatistics
 
 __all__ = ["DeltaP", "TaskBalanceMonitor", "SkipReport", "TaskReport", "BalancerEpochHook", "SKIPPED_STEPS_KEY"]
@@ -232,9 +232,9 @@ class DeltaP(keras.callbacks.Callback):
         # Fail early on bad settings rather than after the first epoch.
         if average not in ("task", "metric"):
             raise ValueError(f"average must be 'task' or 'metric', got {average!r}.")
-        for metrics in _normalise_baselines(self.baselines).values():
+        for metrics in group_baselines(self.baselines).values():
             for key in metrics:
-                _direction(key, higher_is_better)
+                is_higher_better(key, higher_is_better)
 
     @property
     def monitor(self):
@@ -445,8 +445,8 @@ class TaskBalanceMonitor(keras.callbacks.Callback):
         if self.every_n_steps is None or self._global_step % self.every_n_steps or not self._gradient_level():
             return
         sync = getattr(self.model, "jax_state_sync", None)
-        if sync is not None and keras.backend.backend() == "jax":
-            sync()                                         # JAX keeps the state outside the variables mid-epoch
+        if sync is not None:
+            sync()                              # Keras's JAX trainer keeps the state outside the variables mid-epoch
         sums = self._sums()
         steps = sums["steps"] - self._window["steps"]
         if steps <= 0:

@@ -11,6 +11,16 @@ x = keras.random.normal((64, 8))
 model.fit(x, {"a": keras.random.normal((64, 1)), "b": keras.random.normal((64, 1))}, epochs=2)
 ```
 
+Or any functional multi-output model, its shared variables read from the graph (`keras_dbmtl.functional`):
+
+```python
+inputs = keras.Input((8,))
+trunk = keras.layers.Dense(32, activation="relu")(inputs)
+model = keras_dbmtl.MultiTaskModel(inputs=inputs, outputs={"a": keras.layers.Dense(1)(trunk),
+                                                           "b": keras.layers.Dense(1)(trunk)})
+model = keras_dbmtl.MultiTaskModel.from_model(existing_functional_model)      # dict or named list outputs
+```
+
 One training step, written once with `keras.ops` for every backend, as named stages (`_balanced_train_step`):
 
     batch -> forward (once) and task losses, raw and transformed      _forward_stage
@@ -21,7 +31,6 @@ One training step, written once with `keras.ops` for every backend, as named sta
 """
 
 import collections
-import math
 import os
 import re
 import shutil
@@ -37,13 +46,14 @@ from keras.src.utils import tracking
 from keras_dbmtl import _input_checks as input_checks
 from keras_dbmtl import _loss_call
 from keras_dbmtl import _trackers
+from keras_dbmtl import balancing
 from keras_dbmtl import callbacks as mtl_callbacks
 from keras_dbmtl import export as mtl_export
+from keras_dbmtl import functional
 from keras_dbmtl import gradients as gradient_backends
 from keras_dbmtl import task_gradients as task_gradient_modes
 from keras_dbmtl._utils import is_dict as _is_dict
 from keras_dbmtl._utils import unique
-from keras_dbmtl.balancers import base as balancer_base
 from keras_dbmtl.balancers import registry
 
 SKIPPED_STEPS_KEY = mtl_callbacks.SKIPPED_STEPS_KEY
@@ -226,19 +236,30 @@ def _keras_name(text):
     return safe if re.match(r"[A-Za-z0-9.]", safe) else "t" + safe
 
 
-def _split_flat(flat, shapes):
-    """A flat (P,) tensor as one tensor per shape."""
-    pieces, start = [], 0
-    for shape in shapes:
-        size = math.prod(int(d) for d in shape)
-        pieces.append(ops.reshape(flat[start : start + size], tuple(shape)))
-        start += size
-    return pieces
+class _GraphState:
+    """The functional form's reading of its graph: `split` (`keras_dbmtl.functional.Split`), `shared_config`
+    (the constructor's `shared_variables` as saved), `representation` (a layer name or None) and `parts` (encode,
+    decode, bypass; made on first use). A plain object: nothing in it is tracked or saved as state."""
+
+    def __init__(self, split, shared_config, representation):
+        self.split, self.shared_config, self.representation, self.parts = split, shared_config, representation, None
 
 
 @keras.saving.register_keras_serializable(package="keras_dbmtl")
 class MultiTaskModel(keras.Model):
-    """A shared encoder with one head per task, trained with a task balancer.
+    """A multi-task network trained with a task balancer: a shared encoder with one head per task, or any
+    functional model with one output per task.
+
+    Two ways to build one:
+
+    - `MultiTaskModel(encoder, heads, task_layers=None, per_task_inputs=False)`: the encoder's output goes to
+      every head; the encoder's trainable variables are the shared ones.
+    - `MultiTaskModel(inputs=..., outputs={task: tensor})`, as `keras.Model` takes them, or
+      `MultiTaskModel.from_model(model)`: the functional graph says which task output depends on which layer
+      (`keras_dbmtl.functional`). The trainable variables of layers that two task outputs or more depend on are
+      shared (the balancer's task Jacobian covers them; a task whose output does not depend on one, e.g. a tower
+      used by tasks a and b but not c, has a zero row in its block); those of a layer only one task's output
+      depends on are that task's own, updated from its own loss like a head.
 
     Args:
         encoder: any Keras layer or model; its trainable variables are the shared variables theta (minus those
@@ -249,10 +270,39 @@ class MultiTaskModel(keras.Model):
             task's loss, like heads, and left out of the shared variables.
         per_task_inputs: if True, inputs are a dict task -> that task's own batch, and task t's output is
             `heads[t](encoder(inputs[t]))` (Office-31/Office-Home: each task has its own images).
+        inputs: the functional form: the input tensor(s) (`keras.Input`), any structure `keras.Model` takes.
+        outputs: the functional form: dict task name -> output tensor, or a list of output tensors named by the
+            layers that make them.
+        shared_variables: the functional form: the list of trainable variables to balance, instead of those the
+            graph shows two tasks using (it must hold every variable two tasks use; it may add one that one task
+            uses).
+        representation: the functional form, for `compile(task_gradients="representation")`: the name of the
+            layer whose output is the shared representation z (or a tensor of the graph). By default, the
+            deepest tensor through which every shared variable reaches the task outputs.
+
+    Attributes:
+        network: the functional form's functional model (dict outputs), whose layers are the model's; None with
+            encoder/heads (whose `encoder` and `heads` are None in the functional form).
+        task_names: the tasks, in the order of the heads or of the functional outputs.
     """
 
-    def __init__(self, encoder, heads, task_layers=None, per_task_inputs=False, **kwargs):
+    def __init__(self, encoder=None, heads=None, task_layers=None, per_task_inputs=False, *, inputs=None,
+                 outputs=None, shared_variables=None, representation=None, **kwargs):
         super().__init__(**kwargs)
+        self.network = None
+        self.balancer = None
+        self._task_losses_fns = None
+        self._loss_weights_vector = None
+        self._vectorize = None
+        if inputs is not None or outputs is not None:
+            self._init_functional(inputs, outputs, shared_variables, representation,
+                                  {"encoder": encoder, "heads": heads, "task_layers": task_layers,
+                                   "per_task_inputs": per_task_inputs})
+            return
+        if shared_variables is not None or representation is not None:
+            raise ValueError("shared_variables= and representation= apply to a functional MultiTaskModel "
+                             "(inputs=..., outputs=... or MultiTaskModel.from_model); with encoder/heads the "
+                             "encoder's variables are the shared ones and its output is the representation.")
         if not _is_dict(heads) or len(heads) == 0:
             raise ValueError(
                 "MultiTaskModel needs `heads`: a non-empty dict mapping each task name to a Keras layer, e.g. "
@@ -264,7 +314,8 @@ class MultiTaskModel(keras.Model):
             if not isinstance(head, keras.layers.Layer):
                 raise ValueError(f"The head of task {name!r} must be a Keras layer or model; received {head!r}.")
         if not isinstance(encoder, keras.layers.Layer):
-            raise ValueError(f"`encoder` must be a Keras layer or model; received {encoder!r}.")
+            raise ValueError(f"`encoder` must be a Keras layer or model; received {encoder!r}. For a functional "
+                             "model, pass MultiTaskModel(inputs=..., outputs={task: tensor}).")
         task_layers = dict(task_layers or {})
         unknown = sorted(set(task_layers) - set(heads))
         if unknown:
@@ -274,13 +325,82 @@ class MultiTaskModel(keras.Model):
         self.task_names = list(heads)
         self.task_layers = {task: list(names) for task, names in task_layers.items()}
         self.per_task_inputs = bool(per_task_inputs)
-        self.balancer = None
-        self._task_losses_fns = None
-        self._loss_weights_vector = None
-        self._vectorize = None
+
+    def _init_functional(self, inputs, outputs, shared_variables, representation, others):
+        """The functional form: `self.network` (a functional model with dict outputs) and its variable split."""
+        given = sorted(name for name, value in others.items() if value)
+        if given:
+            raise ValueError(f"MultiTaskModel takes either encoder=/heads= or inputs=/outputs=, not both; received "
+                             f"{given} with inputs/outputs.")
+        if inputs is None or outputs is None:
+            raise ValueError("A functional MultiTaskModel needs both inputs= and outputs= (as keras.Model).")
+        if isinstance(outputs, keras.KerasTensor) or not isinstance(outputs, (dict, list, tuple)):
+            raise ValueError(
+                "outputs must be a dict mapping each task name to its output tensor, outputs={'ctr': ctr, "
+                f"'cvr': cvr}} (or a list of output tensors named by their layers); received {type(outputs).__name__}."
+            )
+        network = keras.Model(inputs=inputs, outputs=outputs, name="network")
+        self.network = network          # tracked: its layers and variables are the model's
+        self.task_names = list(functional.task_outputs(network))
+        self.encoder, self.heads, self.task_layers, self.per_task_inputs = None, None, {}, False
+        shared = None if shared_variables is None else functional.resolve_variables(network, shared_variables)
+        # What the graph says, kept out of Keras' and TensorFlow's tracking (the network's variables, not new ones).
+        object.__setattr__(self, "_graph", _GraphState(
+            split=functional.split_variables(network, shared),
+            shared_config=None if shared is None else functional.variable_references(network, shared),
+            representation=functional.representation_name(network, representation)))
+        if representation is not None:
+            functional.shared_representation(network, self._graph.split.shared, self._graph.representation)
+
+    @classmethod
+    def from_model(cls, model, shared_variables=None, representation=None, **kwargs):
+        """A MultiTaskModel over an existing functional Keras model with one output per task (dict outputs, or
+        list outputs named by their layers, `model.output_names`). It uses `model`'s layers, so training it trains
+        `model`'s weights; it runs `model`'s graph (a Functional subclass's own `call()` is not used). `shared_variables`, `representation` and `**kwargs` (e.g. `name`) as in the
+        constructor. A subclassed model has no graph to read: build it functionally, or use
+        `MultiTaskModel(encoder=..., heads=...)`."""
+        outputs = functional.task_outputs(model)
+        return cls(inputs=model._inputs_struct, outputs=outputs, shared_variables=shared_variables,
+                   representation=representation, **kwargs)
+
+    def _functional_parts(self):
+        """The functional form's (encode, decode, bypass) for `task_gradients="representation"`
+        (`keras_dbmtl.functional.encoder_decoder`), made once."""
+        graph = self._graph
+        if graph.parts is None:
+            z = functional.shared_representation(self.network, graph.split.shared, graph.representation)
+            parts = functional.encoder_decoder(self.network, z)
+            if any(getattr(layer, "activity_regularizer", None) is not None
+                   for layer in parts[0]._flatten_layers(include_self=False)):
+                raise ValueError(
+                    "task_gradients='representation' does not support activity regularizers before the "
+                    "representation (their loss is not a function of it). Remove them or use "
+                    "task_gradients='parameters'."
+                )
+            graph.parts = parts                  # the same layers as `network`: not tracked, not saved twice
+        return graph.parts
 
     # ------------------------------------------------------------------ forward
+    def _encode(self, inputs, training=None):
+        """The shared representation z of `inputs` (the encoder's output, or the functional form's encode)."""
+        if self.network is None:
+            return self.encoder(inputs, training=training)
+        return self._functional_parts()[0](inputs, training=training)
+
+    def _decode(self, features, inputs, training=None):
+        """dict task -> output from the representation `features` (the heads, or the functional form's decode,
+        which also reads the inputs that bypass the representation)."""
+        if self.network is None:
+            return {task: self.heads[task](features, training=training) for task in self.task_names}
+        _, decode, bypass = self._functional_parts()
+        flat = keras.tree.flatten(inputs)
+        bypassing = [ops.convert_to_tensor(flat[i]) for i in bypass]
+        return dict(zip(self.task_names, decode([features] + bypassing, training=training)))
+
     def call(self, inputs, training=None):
+        if self.network is not None:
+            outputs = self.network(inputs, training=training)
+            return {task: outputs[task] for task in self.task_names}
         if self.per_task_inputs:
             input_checks.check_per_task_inputs(inputs, self.task_names, input_checks.describe)
             return {task: self.heads[task](self.encoder(inputs[task], training=training), training=training)
@@ -321,7 +441,10 @@ class MultiTaskModel(keras.Model):
         return result
 
     def task_variables(self):
-        """dict task -> trainable variables used by that task only (its head, plus its `task_layers`)."""
+        """dict task -> trainable variables used by that task only (its head, plus its `task_layers`; in the
+        functional form, those of the layers only that task's output depends on)."""
+        if self.network is not None:
+            return {task: list(self._graph.split.task[task]) for task in self.task_names}
         layers_by_task = self._task_layer_objects()
         result = {}
         for task in self.task_names:
@@ -332,7 +455,10 @@ class MultiTaskModel(keras.Model):
         return result
 
     def shared_variables(self):
-        """The encoder's trainable variables that no task owns: theta in the paper."""
+        """The encoder's trainable variables that no task owns: theta in the paper. In the functional form, those
+        of the layers that two task outputs or more depend on (or the constructor's `shared_variables`)."""
+        if self.network is not None:
+            return list(self._graph.split.shared)
         owned = {id(v) for variables in self.task_variables().values() for v in variables}
         return [v for v in self.encoder.trainable_variables if id(v) not in owned]
 
@@ -378,7 +504,10 @@ class MultiTaskModel(keras.Model):
         if kwargs.get("weighted_metrics"):
             raise ValueError("weighted_metrics is not supported by MultiTaskModel; pass sample weights per task.")
         balancer_obj = self._balancer_of_this_model(registry.get(balancer))
-        task_gradient_modes.check(balancer_obj, task_gradients, task_gradients_every, self)
+        task_gradient_modes.check(balancer_obj, task_gradients, task_gradients_every,
+                                  self if self.network is None else None)
+        if self.network is not None and task_gradients == "representation":
+            self._functional_parts()            # a representation exists, or a ValueError naming the fix
         self._task_losses_fns = self._task_loss_functions(loss)
         self._loss_weights_vector = self._loss_weights_for(loss_weights, balancer_obj)
         if metrics is not None and _is_dict(metrics):
@@ -484,9 +613,7 @@ class MultiTaskModel(keras.Model):
     def _build_balancer(self):
         if self.balancer is None or self.balancer.built:
             return
-        shapes = [tuple(int(d) for d in v.shape) for v in self.shared_variables()]
-        num_shared = sum(math.prod(shape) for shape in shapes)
-        self.balancer.build(len(self.task_names), num_shared, self.task_names, shared_shapes=shapes)
+        balancing.build(self.balancer, self.task_names, [v.shape for v in self.shared_variables()])
         if self.optimizer is not None and self.optimizer.built:
             # The optimizer was built before the balancer's learnable variables existed: add them.
             missing = [v for v in self.balancer.trainable_variables]
@@ -684,10 +811,10 @@ class MultiTaskModel(keras.Model):
         """The T x (B * size of z) Jacobian of the task losses with respect to the encoder's output z; the balanced
         direction over z reaches the shared variables through one backward pass of the encoder (`to_shared`)."""
         def encode():
-            return self.encoder(batch.x, training=True)
+            return self._encode(batch.x, training=True)
 
         def decode(features):
-            y_pred = {task: self.heads[task](features, training=True) for task in self.task_names}
+            y_pred = self._decode(features, batch.x, training=True)
             raw = gradient_backends.global_losses(self._task_losses(batch.y, y_pred, batch.sample_weight))
             forward = _Forward(y_pred, self.balancer.task_losses(raw), self._regularization_loss())
             return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
@@ -744,8 +871,9 @@ class MultiTaskModel(keras.Model):
         return ops.logical_and(ops.equal(raw, 0.0), ops.equal(squares + ops.stack(own), 0.0))
 
     def _balance_stage(self, grads, mask=None):
-        """The balancer's update: one gradient per step variable, the task weights, and the step's one
-        `TaskJacobian` (None at loss level, where the balancing happened inside the differentiated loss)."""
+        """The balancer's update (keras_dbmtl.balancing, the core every front door calls): one gradient per step
+        variable, the task weights, and the step's one `TaskJacobian` (None at loss level, where the balancing
+        happened inside the differentiated loss)."""
         if grads.blocks is None:
             return _Update(grads.combined, grads.weights, None)
         blocks, losses = grads.blocks, grads.forward.losses
@@ -753,12 +881,10 @@ class MultiTaskModel(keras.Model):
             # The select path runs this on a skipped step too (the result is discarded): keep NaN out of solvers.
             blocks = [ops.where(mask, b, ops.zeros_like(b)) for b in blocks]
             losses = losses.where(mask)
-        jacobian = balancer_base.TaskJacobian(blocks, len(self.task_names), getattr(grads, "labelled", None))
-        if self.gradient_statistics is not None:
-            self.gradient_statistics.update_state(jacobian.gramian())
-        aggregation = self.balancer.aggregate(losses, jacobian)
-        return _Update(self._assemble(aggregation, jacobian, grads), aggregation.task_weights, jacobian,
-                       aggregation.head_weights)
+        balanced = balancing.balance(self.balancer, losses, blocks, grads.own, getattr(grads, "labelled", None),
+                                     self.gradient_statistics)
+        return _Update(self._assemble(balanced, grads), balanced.task_weights, balanced.jacobian,
+                       balanced.head_weights)
 
     def _scheduled_balance_stage(self, grads, mask=None):
         """The balance stage; with `task_gradients_every=k > 1`, the balancer's update on refresh steps and the
@@ -782,21 +908,12 @@ class MultiTaskModel(keras.Model):
         return update._replace(refresh=grads.refresh)
 
     @staticmethod
-    def _assemble(aggregation, jacobian, grads):
-        """Shared direction (w^T J block by block, or the balancer's flat direction), each head's own gradient
-        times its head weight, the balancer's variables' gradients; plus the regularisation gradients."""
-        if aggregation.shared_direction is None:
-            shared = jacobian.weighted_sum_blocks(aggregation.task_weights)
-        else:
-            shared = _split_flat(aggregation.shared_direction, [b.shape[1:] for b in jacobian.blocks])
-        if grads.to_shared is not None:
-            shared = grads.to_shared(shared)
-        heads = []
-        for t, group in enumerate(grads.own):
-            if aggregation.head_weights is not None:
-                group = [g * aggregation.head_weights[t] for g in group]
-            heads.extend(group)
-        step = list(shared) + heads + grads.extra
+    def _assemble(balanced, grads):
+        """The step's gradients in the order of `_Variables.all`: the shared direction (through the encoder for
+        representation-level gradients), each head's weighted gradients, the balancer's variables'; plus the
+        regularisation gradients."""
+        shared = balanced.shared if grads.to_shared is None else grads.to_shared(balanced.shared)
+        step = list(shared) + [g for group in balanced.heads for g in group] + grads.extra
         return [g if r is None else g + r for g, r in zip(step, grads.regularization or [None] * len(step))]
 
     def _apply_stage(self, update, batch, forward, variables, optimizer):
@@ -931,7 +1048,8 @@ class MultiTaskModel(keras.Model):
             self._check_task_keys(sample_weight, "sample weights", require_all=False)
         if self.per_task_inputs and (_is_dict(x) or hasattr(x, "shape")):
             input_checks.check_per_task_inputs(x, self.task_names, input_checks.describe)
-        elif _is_dict(x) and set(x) and set(x) <= set(self.task_names) and not isinstance(self.encoder, keras.Model):
+        elif (_is_dict(x) and set(x) and set(x) <= set(self.task_names) and self.network is None
+              and not isinstance(self.encoder, keras.Model)):
             raise ValueError(
                 f"x is a dict keyed by task names ({sorted(x)}) but this MultiTaskModel has per_task_inputs=False: "
                 "one input runs through the encoder for every task. Pass MultiTaskModel(..., per_task_inputs=True) "
@@ -997,6 +1115,9 @@ class MultiTaskModel(keras.Model):
 
     # ------------------------------------------------------------------ config
     def get_config(self):
+        if self.network is not None:
+            return {"name": self.name, "network": keras.saving.serialize_keras_object(self.network),
+                    "shared_variables": self._graph.shared_config, "representation": self._graph.representation}
         return {
             "name": self.name,
             "encoder": keras.saving.serialize_keras_object(self.encoder),
@@ -1008,6 +1129,9 @@ class MultiTaskModel(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
+        if "network" in config:
+            network = keras.saving.deserialize_keras_object(config.pop("network"), custom_objects=custom_objects)
+            return cls.from_model(network, **config)
         encoder = keras.saving.deserialize_keras_object(config.pop("encoder"), custom_objects=custom_objects)
         heads = {
             t: keras.saving.deserialize_keras_object(h, custom_objects=custom_objects)

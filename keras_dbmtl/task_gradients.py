@@ -25,8 +25,8 @@ parameter-level method; cheap when the heads are small next to the encoder.
 Which methods allow which (`check`): amortisation needs a method whose shared direction is a weighted sum of the
 task gradients (or of a state built from them, DB-MTL, MoCo) and no learned balancer variables; the
 representation level needs a method that reads only the T x T Gramian (a T x P state has no meaning over
-representation gradients of different batches) and no learned variables. See `AMORTISABLE` and
-`REPRESENTATION_LEVEL`.
+representation gradients of different batches) and no learned variables. Each balancer class declares both
+(`Balancer.amortisable`, `Balancer.representation_level`: a description or `Disclaimed(reason)`).
 """
 
 import keras
@@ -34,37 +34,33 @@ from keras import ops
 
 from keras_dbmtl import gradients as gradient_backends
 from keras_dbmtl.balancers import base as balancer_base
+from keras_dbmtl.balancers import registry
 
 MODES = ("parameters", "representation")
 
-#: Registered methods that accept `task_gradients_every=k > 1`, and why.
-AMORTISABLE = {
-    "dbmtl": "w_t = alpha / (||ema_t|| + eps) from the last refresh; EMA and step counter on refresh steps",
-    "moco": "lambda from the last refresh; tracked gradients and lambda updated on refresh steps",
-    "excessmtl": "weights from the last refresh (shared and heads); squared sums updated on refresh steps",
-    "mgda": "min-norm weights from the last refresh (heads too with scale_heads)",
-    "imtl_g": "closed-form weights from the last refresh",
-    "cagrad": "weights from the last refresh",
-    "nash_mtl": "weights from the last refresh; warm start updated on refresh steps",
-    "upgrad": "weights from the last refresh",
-    "aligned_mtl": "weights from the last refresh",
-    "pcgrad": "projection coefficients from the last refresh (random task order drawn on refresh steps)",
-    "config": "weights from the last refresh",
-    "fairgrad": "weights from the last refresh (shared and heads)",
-    "gradvac": "coefficients from the last refresh; targets updated on refresh steps",
-}
-#: Gradient-level methods that do not: their direction is not a weighted sum of the task gradients
-#: (element-wise) or they learn balancer variables from the per-task gradients of every step.
-NOT_AMORTISABLE = {
-    "graddrop": "an element-wise random mask of the gradients, not task weights",
-    "metabalance": "element-wise magnitude balancing",
-    "mtadam": "element-wise Adam-style moments of each task's gradient",
-    "gradnorm": "its learned weights are trained from the task gradients of every step",
-    "imtl": "its learned loss scales are trained every step",
-}
-#: Registered methods that accept `task_gradients="representation"`: those that read the T x T Gramian only.
-REPRESENTATION_LEVEL = ("mgda", "imtl_g", "cagrad", "nash_mtl", "upgrad", "aligned_mtl", "pcgrad", "config",
-                        "fairgrad", "gradvac")
+
+
+def amortisable(balancer):
+    """Whether `task_gradients_every=k > 1` applies: the class's declaration (`Balancer.amortisable`), or, for an
+    undeclared balancer, whether it is a Gramian balancer without learned variables."""
+    declared = type(balancer).amortisable
+    return _gramian_only(balancer) if declared is None else bool(declared)
+
+
+def representation_level(balancer):
+    """Whether `task_gradients="representation"` applies: the class's declaration, or, undeclared, as above."""
+    declared = type(balancer).representation_level
+    return _gramian_only(balancer) if declared is None else bool(declared)
+
+
+def _reason(declared):
+    """A disclaimer's reason (a `Disclaimed` is a false str), or the rule applied to an undeclared balancer."""
+    return "it is not a Gramian balancer without learned variables" if declared is None else str(declared)
+
+
+def available(capability):
+    """The registered names whose class declares `capability` ("amortisable", "representation_level")."""
+    return [cls.registered_name for cls in registry.registered_classes() if getattr(cls, capability)]
 
 
 def _name(balancer):
@@ -90,22 +86,21 @@ def check(balancer, mode, every, model=None):
             f"task_gradients={mode!r}, task_gradients_every={every} change how per-task gradients are computed; "
             f"balancer {name!r} is loss-level and computes none (one backward pass per step already). Remove them."
         )
-    if every > 1:
-        if name in NOT_AMORTISABLE or (name not in AMORTISABLE and not _gramian_only(balancer)):
-            why = NOT_AMORTISABLE.get(name, "it is not a Gramian balancer without learned variables")
-            raise ValueError(
-                f"task_gradients_every={every} is not available for balancer {name!r} ({why}). It is available "
-                f"for {sorted(AMORTISABLE)}; use task_gradients_every=1 with {name!r}."
-            )
+    if every > 1 and not amortisable(balancer):
+        why = _reason(type(balancer).amortisable)
+        raise ValueError(
+            f"task_gradients_every={every} is not available for balancer {name!r} ({why}). It is available "
+            f"for {available('amortisable')}; use task_gradients_every=1 with {name!r}."
+        )
     if mode == "representation":
         if every > 1:
             raise ValueError("task_gradients='representation' already costs about one backward pass through the "
                              "encoder; use it with task_gradients_every=1.")
-        if name not in REPRESENTATION_LEVEL and not (name not in AMORTISABLE and _gramian_only(balancer)):
+        if not representation_level(balancer):
+            why = _reason(type(balancer).representation_level)
             raise ValueError(
-                f"task_gradients='representation' is not available for balancer {name!r}: it keeps state or "
-                "directions over the shared parameters, which have no meaning over the gradients of the "
-                f"representation of different batches. Available for {list(REPRESENTATION_LEVEL)}."
+                f"task_gradients='representation' is not available for balancer {name!r} ({why}). Available "
+                f"for {available('representation_level')}."
             )
         if model is None:
             return

@@ -35,4 +35,4 @@ def test_equal_weighting_starves_the_small_task_and_dbmtl_does_not(capsys):
     assert ew["large"][0] < 0.2 and ew["small"][0] > 0.8           # EW: the large task only
     assert dbmtl["large"][0] < 0.3 and dbmtl["small"][0] < 0.3     # DB-MTL: both
     printed = capsys.readouterr().out
-    assert "mean ± std over seeds" in printed and printed.count("±") == 1 + 4        # the header, 2 methods x 2 tasks
+    assert "mean ± sample std over seeds" in printed and printed.count("±") == 1 + 4        # the header, 2 methods x 2 tasks

@@ -58,6 +58,19 @@ def test_a_task_without_labels_is_warned_each_epoch_and_steps_are_counted_per_ta
     assert not any(key.endswith("_steps") for key in evaluated)   # a training count, as the task weights
 
 
+def test_validation_after_the_epoch_keeps_the_step_counts_and_warns_nothing():
+    """The counts are the epoch's, not the validation run's: validation resets the trackers after the epoch's
+    logs were taken (on torch the logged count was a view of the reset total: 0, and a false warning)."""
+    x, y = _data(("a", "b"))
+    model = _model({t: keras.layers.Dense(1) for t in y})
+    model.compile(optimizer="sgd", loss="mse", balancer="dbmtl")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = model.fit(x, y, batch_size=BATCH, epochs=2, validation_data=(x, y), verbose=0)
+    assert history.history["a_steps"] == [BATCHES, BATCHES] and history.history["b_steps"] == [BATCHES, BATCHES]
+    assert not _messages(record, "trained nothing")
+
+
 def _dead_heads():
     """Task 'dead' reads the trunk through a ReLU that is off for every input: its loss is not 0, its gradient on
     the shared variables is exactly 0."""

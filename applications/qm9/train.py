@@ -4,7 +4,7 @@ Import this module only after ``KERAS_BACKEND`` is set (``__main__`` does it).
 
 Recipe (the paper's): MSE on z-scored targets, Adam 1e-3, batch 128, 300
 epochs, ``ReduceLROnPlateau(factor=0.7, patience=5, min_lr=1e-5)`` on the
-validation Delta_p (``keras_dbmtl.metrics.DeltaP`` writes ``val_delta_p``),
+validation Delta_p (``keras_dbmtl.callbacks.DeltaP`` writes ``val_delta_p``),
 test MAE per target in the paper's units at the epoch with the best
 validation Delta_p (STL: best validation MAE of its target).
 """
@@ -20,7 +20,8 @@ import numpy as np
 
 import keras
 
-from keras_dbmtl.metrics import DeltaP, DenormalizedMAE, delta_p
+from keras_dbmtl.callbacks import DeltaP
+from keras_dbmtl.metrics import DenormalizedMAE, delta_p
 
 from applications.qm9 import data as qdata
 from applications.qm9 import model as qmodel

@@ -14,7 +14,7 @@ gives each method's paper, defaults and cost (tests/balancers/test_registry.py c
 """
 
 from keras_dbmtl.balancers.base import (
-    Aggregation, Balancer, GramianBalancer, JacobianBalancer, LossBalancer, TaskJacobian, TaskLosses,
+    Aggregation, Balancer, Disclaimed, GramianBalancer, JacobianBalancer, LossBalancer, TaskJacobian, TaskLosses,
 )
 from keras_dbmtl.balancers.registry import get, names, register, registered_classes
 
@@ -36,6 +36,6 @@ _import_methods()
 globals().update({cls.__name__: cls for cls in registered_classes()})
 
 __all__ = [
-    "Aggregation", "Balancer", "GramianBalancer", "JacobianBalancer", "LossBalancer", "TaskJacobian", "TaskLosses",
-    "get", "names", "register",
+    "Aggregation", "Balancer", "Disclaimed", "GramianBalancer", "JacobianBalancer", "LossBalancer", "TaskJacobian", "TaskLosses",
+    "get", "names", "register", "registered_classes",
 ] + sorted(cls.__name__ for cls in registered_classes())

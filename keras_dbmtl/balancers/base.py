@@ -132,6 +132,16 @@ class Aggregation:
         self.head_weights = head_weights
 
 
+class Disclaimed(str):
+    """A property a balancer declares it does not have, with the reason: false in a test, the reason as text.
+
+    `amortisable = Disclaimed("an element-wise random mask of the gradients, not task weights")`
+    """
+
+    def __bool__(self):
+        return False
+
+
 class Balancer(keras.layers.Layer):
     """Base class of all balancers.
 
@@ -148,6 +158,21 @@ class Balancer(keras.layers.Layer):
     #: Whether one task with a loss but an exactly zero shared gradient (a dead ReLU branch) stops every task (the
     #: min-norm point is zero: MGDA, Nash-MTL); `fit` then warns once, naming the task (callbacks.TaskReport).
     stalls_on_zero_gradient = False
+
+    # What a balancer can do, declared on its class and read by the library and the tests: each registered balancer
+    # declares (True, or a description of how) or disclaims (`Disclaimed(reason)`) every one of these; None is
+    # "not declared" (tests/balancers/test_properties.py fails on it; for an unregistered balancer the library
+    # falls back to what its kind allows).
+    #: T = 1 gives the plain gradient of the one task's loss (tests/balancers/test_properties.py).
+    plain_single_task = None
+    #: Permuting the tasks permutes the weights (deterministic, no anchor task).
+    permutation_equivariant = None
+    #: `compile(task_gradients_every=k > 1)`: the direction is a weighted sum of the task gradients (or of a state
+    #: built from them), so the last refresh's weights can stand in between refreshes; the value says how.
+    amortisable = None
+    #: `compile(task_gradients="representation")`: only the T x T Gramian is read and no balancer variable is
+    #: learned, so the Jacobian over the encoder's output can replace the one over the shared parameters.
+    representation_level = None
 
     def __init__(self, loss_transform=None, eps=1e-8, **kwargs):
         kwargs.setdefault("dtype", "float32")
@@ -253,6 +278,8 @@ class LossBalancer(Balancer):
     """A loss-level method: weights on the losses, one backward pass of `combine_losses`."""
 
     uses_task_gradients = False
+    amortisable = Disclaimed("loss level: one backward pass per step already, no per-task gradients")
+    representation_level = Disclaimed("loss level: no per-task gradients")
 
     def combine_losses(self, losses):
         """`losses`: a `TaskLosses` record. Returns (scalar loss to differentiate, (T,) task weights to log)."""
@@ -263,6 +290,7 @@ class GramianBalancer(Balancer):
     """A gradient-level method that reads only the T x T Gramian of the task gradients."""
 
     uses_task_gradients = True
+    representation_level = True
 
     def aggregate(self, losses, task_jacobian):
         """`losses`: `TaskLosses`; `task_jacobian`: `TaskJacobian` (use `gramian()` / `norms()` only). Returns an
@@ -274,6 +302,8 @@ class JacobianBalancer(Balancer):
     """A gradient-level method that reads the T x P task Jacobian itself."""
 
     uses_task_gradients = True
+    representation_level = Disclaimed("reads the T x P Jacobian or keeps state over the shared parameters, which "
+                                      "has no meaning over the representation gradients of different batches")
 
     def aggregate(self, losses, task_jacobian):
         """`losses`: `TaskLosses`; `task_jacobian`: `TaskJacobian`. Returns an `Aggregation`, with the flat (P,)

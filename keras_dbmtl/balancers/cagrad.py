@@ -1,16 +1,22 @@
-"""CAGrad: conflict-averse gradient descent (Liu et al., NeurIPS 2021).
+r"""CAGrad: conflict-averse gradient descent (Liu et al., NeurIPS 2021).
 
-    max_d min_t g_t . d   s.t.  ||d - g_0|| <= c ||g_0||,   g_0 = (1/T) sum_t g_t        (the primal problem)
-    w* = argmin_{w in simplex}  g_w . g_0 + c ||g_0|| ||g_w||,   g_w = sum_t w_t g_t      (its dual)
-    d  = g_0 + (c ||g_0|| / ||g_w*||) g_w*                                                (Algorithm 1)
-    d <- d / (1 + c^2)                                                                    (rescale = 1)
+$$
+\begin{aligned}
+&\max_d \min_t \, g_t \cdot d \ \ \text{s.t.} \ \lVert d - g_0 \rVert \le c \lVert g_0 \rVert, \quad g_0 = \tfrac{1}{T} \textstyle\sum_t g_t
+    \qquad \text{the primal problem} \\
+w^* &= \operatorname*{argmin}_{w \in \text{simplex}} \; g_w \cdot g_0 + c \lVert g_0 \rVert \lVert g_w \rVert, \quad g_w = \textstyle\sum_t w_t g_t
+    \qquad \text{its dual} \\
+d &= g_0 + \frac{c \lVert g_0 \rVert}{\lVert g_{w^*} \rVert} \, g_{w^*} \qquad \text{Algorithm 1} \\
+d &\leftarrow d / (1 + c^2) \qquad \text{rescale} = 1
+\end{aligned}
+$$
 
 Defaults: c = 0.5, rescale = 1 (the official code and LibMTL); rescale = 0 keeps d, rescale = 2 divides by
 (1 + c). c = 0 gives the mean gradient. Every quantity is a product with the Gramian: needs = "gramian", and the
-result is task weights w_t = (1/T + lambda w*_t) / rescale. The dual is solved in the compiled step by
+result is task weights $w_t = (1/T + \lambda w^*_t) / \mathrm{rescale}$. The dual is solved in the compiled step by
 `solvers.cagrad_weights` (projected gradient, fixed iterations) instead of scipy's SLSQP. Heads receive their own
 task's gradient. Measured accuracy (float32 against float64 over the scale battery,
-`tests/balancers/test_scale_battery.py`): ||d - d*|| <= 1e-4 ||g_0|| (measured 5.8e-6) against a tight
+`tests/balancers/test_scale_battery.py`): $\lVert d - d^* \rVert \le 10^{-4} \lVert g_0 \rVert$ (measured 5.8e-6) against a tight
 SLSQP solve of the dual.
 """
 
@@ -18,7 +24,7 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -32,6 +38,10 @@ class CAGrad(GramianBalancer):
         c: radius of the ball, relative to ||g_0|| (default 0.5).
         rescale: 0, 1 (default) or 2, the final division (none, 1 + c^2, 1 + c).
     """
+
+    plain_single_task = Disclaimed("d = (1 + c) / (1 + c^2) g with the default rescale=1")
+    permutation_equivariant = True
+    amortisable = "weights from the last refresh"
 
     def __init__(self, c=0.5, rescale=1, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

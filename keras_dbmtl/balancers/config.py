@@ -1,17 +1,21 @@
-"""ConFIG: conflict-free inverse gradients (Liu et al., "ConFIG: Towards Conflict-free Training of Physics
+r"""ConFIG: conflict-free inverse gradients (Liu et al., "ConFIG: Towards Conflict-free Training of Physics
 Informed Neural Networks", ICLR 2025).
 
-    U   = [g_1/||g_1||, ..., g_T/||g_T||]^T          (unit task gradients, T x P)
-    g_v = U^+ 1_T                                    (the direction with equal cosine to every task; min-norm)
-    g_u = g_v / ||g_v||
-    d   = (sum_t g_t . g_u) g_u                      (length: the sum of the projections)
+$$
+\begin{aligned}
+U &= [g_1 / \lVert g_1 \rVert, \dots, g_T / \lVert g_T \rVert]^\top \qquad \text{unit task gradients, } T \times P \\
+g_v &= U^{+} \mathbf{1}_T \qquad \text{the direction with equal cosine to every task; min-norm} \\
+g_u &= g_v / \lVert g_v \rVert \\
+d &= \big(\textstyle\sum_t g_t \cdot g_u\big) \, g_u \qquad \text{length: the sum of the projections}
+\end{aligned}
+$$
 
 U^+ 1 = U^T (U U^T)^+ 1 and U U^T is the cosine matrix of the Gramian, so ConFIG needs only the Gramian:
 g_v = sum_t a_t g_t with a = diag(1/||g||) (U U^T)^+ 1. The pseudo-inverse uses `eigh` (eigenvalues below
 T * float32-eps of the largest are dropped, as torch.linalg.pinv). Heads receive their own task's gradient.
 No eps in the norms (scale-free). Where U^+ 1 = 0 (an exactly anti-collinear pair) no direction exists and d = 0.
 Measured accuracy (float32 against float64 over the scale battery, `tests/balancers/test_scale_battery.py`):
-||d - d*|| / ||d*|| <= 2e-2 against a float64 SVD pseudo-inverse (measured 5.5e-3 at T = 40, where the cosine
+$\lVert d - d^* \rVert / \lVert d^* \rVert \le 2 \cdot 10^{-2}$ against a float64 SVD pseudo-inverse (measured 5.5e-3 at T = 40, where the cosine
 matrix's smallest eigenvalue is ~1e-3: float32's limit; 3e-4 at T = 5).
 """
 
@@ -42,6 +46,10 @@ class ConFIG(GramianBalancer):
 
     Cost: T backward + O(T^2 P) Gramian.
     """
+
+    plain_single_task = True
+    permutation_equivariant = True
+    amortisable = "weights from the last refresh"
 
     def aggregate(self, losses, task_jacobian):
         return Aggregation(task_weights=config_weights(task_jacobian.gramian(), self.eps))

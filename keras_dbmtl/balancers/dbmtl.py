@@ -1,12 +1,18 @@
-"""DB-MTL: Dual-Balancing Multi-Task Learning (Lin et al., Algorithm 1).
+r"""DB-MTL: Dual-Balancing Multi-Task Learning (Lin et al., Algorithm 1).
 
-    l_t  <- log(l_t + eps)                                             (Section 3.1, loss-scale balancing)
-    g_t   = grad_theta log(l_t + eps)                                  (Algorithm 1, step 6)
-    beta_k = beta / k^beta_sigma,  k = 1, 2, ...                      (Section 4.1's grid: beta / k^0.5)
-    ema_t = beta_k * ema_t + (1 - beta_k) * g_t,  ema_t starts at 0   (Eq. 1, step 7; no bias correction)
-    d     = alpha_k * sum_t ema_t / (||ema_t|| + eps)                  (Eq. 2, step 9)
-    alpha_k = max_t ||ema_t||                                          (Section 3.2; Figure 6 compares others)
-    theta <- theta - lr * d;  psi_t <- psi_t - lr * grad_psi_t log(l_t + eps)        (steps 10-13)
+$$
+\begin{aligned}
+\ell_t &\leftarrow \log(\ell_t + \epsilon) \qquad \text{Section 3.1, loss-scale balancing} \\
+g_t &= \nabla_\theta \log(\ell_t + \epsilon) \qquad \text{Algorithm 1, step 6} \\
+\beta_k &= \beta / k^{\beta_\sigma}, \ k = 1, 2, \dots \qquad \text{Section 4.1's grid: } \beta / k^{0.5} \\
+\mathrm{ema}_t &= \beta_k \, \mathrm{ema}_t + (1 - \beta_k) \, g_t, \ \mathrm{ema}_t \text{ starts at } 0
+    \qquad \text{Eq. 1, step 7; no bias correction} \\
+d &= \alpha_k \sum_t \frac{\mathrm{ema}_t}{\lVert \mathrm{ema}_t \rVert + \epsilon} \qquad \text{Eq. 2, step 9} \\
+\alpha_k &= \max_t \lVert \mathrm{ema}_t \rVert \qquad \text{Section 3.2; Figure 6 compares others} \\
+\theta &\leftarrow \theta - \mathrm{lr} \, d, \ \
+    \psi_t \leftarrow \psi_t - \mathrm{lr} \, \nabla_{\psi_t} \log(\ell_t + \epsilon) \qquad \text{steps 10-13}
+\end{aligned}
+$$
 
 Defaults follow the paper's reference library: `beta=0.9`, `beta_sigma=0.0` (constant beta), `scaling="max"`
 (the best alpha in Figure 6), `loss_transform="log"` and `gradient_balancing=True` (both components: the best
@@ -20,14 +26,14 @@ row of Table 5). The ablations of Section 4 are options of this class:
 
 The EMA buffers are a (T, P) float32 state variable, `ema_gradients`. Measured accuracy (first step) (float32
 against float64 over the scale battery, `tests/balancers/test_scale_battery.py`):
-||d - d*|| <= 3e-5 max(||d*||, 1e-3 max_t ||g_t||) against Eq. (2) in float64 (measured 1.1e-5, anti-collinear
-pairs whose directions cancel; 5e-7 otherwise).
+$\lVert d - d^* \rVert \le 3 \cdot 10^{-5} \max(\lVert d^* \rVert, 10^{-3} \max_t \lVert g_t \rVert)$
+against Eq. (2) in float64 (measured 1.1e-5, anti-collinear pairs whose directions cancel; 5e-7 otherwise).
 """
 
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 SCALINGS = ("max", "min", "mean", "median")
@@ -45,6 +51,10 @@ class DBMTL(JacobianBalancer):
         gradient_balancing: False turns off the EMA/normalisation (log transform only).
         eps: epsilon of both the log transform and the normalisation.
     """
+
+    plain_single_task = Disclaimed("log transform and EMA (d = (1 - beta) g at step 1)")
+    permutation_equivariant = True
+    amortisable = "w_t = alpha / (||ema_t|| + eps) from the last refresh; EMA and step counter on refresh steps"
 
     def __init__(
         self,

@@ -1,8 +1,12 @@
-"""DWA: dynamic weight average (Liu, Johns and Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019).
+r"""DWA: dynamic weight average (Liu, Johns and Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019).
 
-    r_t(k-1) = L_t(k-1) / L_t(k-2)                                             (Eq. 7: descending rate)
-    w_t(k)   = T exp(r_t(k-1) / tau) / sum_i exp(r_i(k-1) / tau),  w_t(1) = w_t(2) = 1
-    L        = sum_t w_t(k) l_t
+$$
+\begin{aligned}
+r_t(k-1) &= L_t(k-1) / L_t(k-2) \qquad \text{Eq. 7: descending rate} \\
+w_t(k) &= \frac{T \exp(r_t(k-1) / \tau)}{\sum_i \exp(r_i(k-1) / \tau)}, \quad w_t(1) = w_t(2) = 1 \\
+L &= \textstyle\sum_t w_t(k) \, \ell_t
+\end{aligned}
+$$
 
 L_t(k) is task t's average training loss over epoch k (the raw loss, also under `loss_transform="log"`), tau = 2.
 
@@ -29,6 +33,9 @@ class DWA(LossBalancer):
     Args:
         temperature: tau (default 2.0, the paper's).
     """
+
+    plain_single_task = True
+    permutation_equivariant = True
 
     def __init__(self, temperature=2.0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

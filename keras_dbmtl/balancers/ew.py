@@ -1,6 +1,10 @@
-"""EW: equal weighting, the plain sum of the task losses.
+r"""EW: equal weighting, the plain sum of the task losses.
 
-    L = sum_t l_t                                                   (the paper's Section 2.1, gamma_t = 1)
+$$
+\begin{aligned}
+L &= \textstyle\sum_t \ell_t \qquad \text{the paper's Section 2.1, } \gamma_t = 1
+\end{aligned}
+$$
 
 With no `loss_transform` it trains exactly like a plain Keras model compiled with the same losses, including
 `compile(loss_weights=...)`, which multiplies each raw task loss as in Keras.
@@ -15,6 +19,9 @@ from keras_dbmtl.balancers.registry import register
 @register("ew")
 class EW(LossBalancer):
     """Equal weighting: minimises sum_t loss_t (or sum_t log(loss_t + eps) with `loss_transform="log"`)."""
+
+    plain_single_task = True
+    permutation_equivariant = True
 
 
     @property

@@ -1,10 +1,14 @@
-"""ExcessMTL: robust multi-task learning with excess risks (He et al., ICML 2024).
+r"""ExcessMTL: robust multi-task learning with excess risks (He et al., ICML 2024).
 
-    H_t    <- H_t + g_t * g_t                                  (AdaGrad accumulator, per entry)
-    e_t     = g_t^T diag(1 / sqrt(H_t + 1e-7)) g_t              (Algorithm 1: the excess-risk estimate)
-    e_t    <- e_t / e_t(1)                                      (relative to the first step's estimate)
-    w_t    <- w_t exp(eta e_t),  w <- T w / sum_t w_t           (exponentiated-gradient update, from step 2)
-    L       = sum_t w_t l_t                                     (shared variables and heads)
+$$
+\begin{aligned}
+H_t &\leftarrow H_t + g_t \odot g_t \qquad \text{AdaGrad accumulator, per entry} \\
+e_t &= g_t^\top \operatorname{diag}\big(1 / \sqrt{H_t + 10^{-7}}\big) \, g_t \qquad \text{Algorithm 1: the excess-risk estimate} \\
+e_t &\leftarrow e_t / e_t(1) \qquad \text{relative to the first step's estimate} \\
+w_t &\leftarrow w_t \exp(\eta e_t), \quad w \leftarrow T w / \textstyle\sum_t w_t \qquad \text{exponentiated-gradient update, from step 2} \\
+L &= \textstyle\sum_t w_t \ell_t \qquad \text{shared variables and heads}
+\end{aligned}
+$$
 
 eta = 0.01 (`robust_step_size`, the authors' default). State: H (T x P), e(1), w. Needs the Jacobian
 (elementwise). The weights multiply the task losses, so the heads are scaled too (as the official weighted loss).
@@ -24,6 +28,10 @@ class ExcessMTL(JacobianBalancer):
     Args:
         robust_step_size: eta (default 0.01).
     """
+
+    plain_single_task = True
+    permutation_equivariant = True
+    amortisable = "weights from the last refresh (shared and heads); squared sums updated on refresh steps"
 
     def __init__(self, robust_step_size=0.01, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

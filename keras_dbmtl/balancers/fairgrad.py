@@ -1,7 +1,11 @@
-"""FairGrad: fair resource allocation in multi-task learning (Ban and Ji, ICML 2024).
+r"""FairGrad: fair resource allocation in multi-task learning (Ban and Ji, ICML 2024).
 
-    find w > 0 with  (J J^T) w = w^(-1/alpha)      (alpha-fair allocation; Section 4 of the paper)
-    d = sum_t w_t g_t;   psi_t <- psi_t - lr w_t grad l_t
+$$
+\begin{aligned}
+&\text{find } w > 0 \text{ with } (J J^\top) \, w = w^{-1/\alpha} \qquad \text{$\alpha$-fair allocation; Section 4 of the paper} \\
+d &= \textstyle\sum_t w_t g_t; \quad \psi_t \leftarrow \psi_t - \mathrm{lr} \, w_t \nabla \ell_t
+\end{aligned}
+$$
 
 alpha = 1 is proportional fairness (Nash-MTL's equation on the unnormalised Gramian), alpha -> infinity max-min
 fairness. Default alpha = 1.0 (LibMTL's). The official code solves the equation with scipy's `least_squares`
@@ -18,7 +22,7 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -41,6 +45,10 @@ class FairGrad(GramianBalancer):
     Args:
         alpha: fairness parameter > 0 (default 1.0).
     """
+
+    plain_single_task = Disclaimed("weight ||g||^(-2 / (1 + alpha))")
+    permutation_equivariant = True
+    amortisable = "weights from the last refresh (shared and heads)"
 
     def __init__(self, alpha=1.0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

@@ -1,10 +1,15 @@
-"""FAMO: fast adaptive multitask optimisation (Liu et al., NeurIPS 2023).
+r"""FAMO: fast adaptive multitask optimisation (Liu et al., NeurIPS 2023).
 
 Update of the network (one backward; Section 3 of the paper):
 
-    z   = softmax(xi)                                                          (task logits xi, state)
-    c   = ( sum_t z_t / l_t )^-1                                               (a constant: no gradient)
-    L   = c sum_t z_t log(l_t)     =>  d = c sum_t (z_t / l_t) grad l_t         (logged weight: c z_t / l_t)
+$$
+\begin{aligned}
+z &= \operatorname{softmax}(\xi) \qquad \text{task logits } \xi \text{, state} \\
+c &= \big(\textstyle\sum_t z_t / \ell_t\big)^{-1} \qquad \text{a constant: no gradient} \\
+L &= c \textstyle\sum_t z_t \log \ell_t \ \Rightarrow \ d = c \sum_t (z_t / \ell_t) \nabla \ell_t \qquad \text{logged weight: } c z_t / \ell_t \\
+\xi &\leftarrow \xi - \beta \cdot \operatorname{Adam}\big(J_{\operatorname{softmax}}(\xi)^\top \delta + \gamma \xi\big) \qquad \text{Algorithm 1}
+\end{aligned}
+$$
 
 Update of the logits, from the decrease of the log-losses delta_t = log l_t(before) - log l_t(after):
 
@@ -35,6 +40,9 @@ class FAMO(LossBalancer):
         weight_learning_rate: beta, Adam learning rate of the logits (default 0.025).
         weight_decay: gamma, L2 decay of the logits (default 1e-3).
     """
+
+    plain_single_task = True
+    permutation_equivariant = True
 
     def __init__(self, weight_learning_rate=0.025, weight_decay=1e-3, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

@@ -1,10 +1,14 @@
-"""GradDrop: gradient sign dropout (Chen et al., "Just Pick a Sign", NeurIPS 2020).
+r"""GradDrop: gradient sign dropout (Chen et al., "Just Pick a Sign", NeurIPS 2020).
 
-    P   = (1/2) (1 + sum_t g_t / sum_t |g_t|)                                  (sign purity, per entry; Section 3)
-    U   ~ Uniform(0, 1), one draw per entry
-    M_t = [P > U] [g_t > 0] + [P < U] [g_t < 0]                                (keep one sign per entry)
-    M_t <- k + (1 - k) M_t                                                     (leak k, default 0)
-    d   = sum_t M_t g_t
+$$
+\begin{aligned}
+P &= \tfrac{1}{2} \Big(1 + \textstyle\sum_t g_t \big/ \sum_t |g_t|\Big) \qquad \text{sign purity, per entry; Section 3} \\
+U &\sim \operatorname{Uniform}(0, 1), \text{ one draw per entry} \\
+M_t &= [P > U] \, [g_t > 0] + [P < U] \, [g_t < 0] \qquad \text{keep one sign per entry} \\
+M_t &\leftarrow k + (1 - k) \, M_t \qquad \text{leak } k \text{, default 0} \\
+d &= \textstyle\sum_t M_t \odot g_t
+\end{aligned}
+$$
 
 Deviation, documented: the paper applies GradDrop to the gradients of a shared *activation* (summed over the batch
 dimension); the model gives the balancer the per-task gradients of the shared *parameters*, so the masks are drawn
@@ -16,7 +20,7 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -28,6 +32,10 @@ class GradDrop(JacobianBalancer):
         leak: k in [0, 1], the share of every gradient always kept (default 0.0).
         seed: seed of the balancer's `SeedGenerator`.
     """
+
+    plain_single_task = True
+    permutation_equivariant = Disclaimed("random masks")
+    amortisable = Disclaimed("an element-wise random mask of the gradients, not task weights")
 
     def __init__(self, leak=0.0, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

@@ -1,10 +1,14 @@
-"""GradNorm: gradient normalisation (Chen et al., ICML 2018).
+r"""GradNorm: gradient normalisation (Chen et al., ICML 2018).
 
-    w_t = T softmax(s)_t                          learnable weights, sum_t w_t = T (LibMTL's parametrisation)
-    G_t = ||w_t g_t||,  G_bar = mean_t G_t       (g_t: task gradient of the shared variables)
-    r_t = (l_t / l_t(0)) / mean_i (l_i / l_i(0))  (relative inverse training rate; l(0): the first step's losses)
-    L_grad = sum_t | G_t - [G_bar r_t^alpha] |    (Eq. 2; the bracket is a constant)
-    theta, psi <- descent on sum_t w_t l_t;   s <- descent on L_grad
+$$
+\begin{aligned}
+w_t &= T \operatorname{softmax}(s)_t \qquad \text{learnable weights, } \textstyle\sum_t w_t = T \text{ (LibMTL's parametrisation)} \\
+G_t &= \lVert w_t g_t \rVert, \quad \bar G = \operatorname{mean}_t G_t \qquad g_t \text{: task gradient of the shared variables} \\
+r_t &= \frac{\ell_t / \ell_t(0)}{\operatorname{mean}_i \ell_i / \ell_i(0)} \qquad \text{relative inverse training rate; } \ell(0) \text{: the first step's losses} \\
+L_{\mathrm{grad}} &= \textstyle\sum_t \big| G_t - [\bar G \, r_t^\alpha] \big| \qquad \text{Eq. 2; the bracket is a constant} \\
+&\theta, \psi \leftarrow \text{descent on } \textstyle\sum_t w_t \ell_t; \quad s \leftarrow \text{descent on } L_{\mathrm{grad}}
+\end{aligned}
+$$
 
 alpha = 1.5 (the paper's NYUv2 value, LibMTL's default). The weights multiply the task losses (shared and head
 gradients alike). GradNorm measures G_t on the last shared layer; like LibMTL this uses all shared variables.
@@ -22,7 +26,7 @@ L_grad gradient of step k at step k + 1 (one step late). A model hook returning 
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -35,6 +39,11 @@ class GradNorm(GramianBalancer):
     Args:
         alpha: strength of the restoring force (default 1.5).
     """
+
+    plain_single_task = True
+    permutation_equivariant = True
+    amortisable = Disclaimed("its learned weights are trained from the task gradients of every step")
+    representation_level = Disclaimed("learned balancer variables, trained from the parameter-level task gradients")
 
     def __init__(self, alpha=1.5, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

@@ -1,22 +1,25 @@
-"""GradVac: gradient vaccine (Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization
+r"""GradVac: gradient vaccine (Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization
 in Massively Multilingual Models", ICLR 2021).
 
-    for each task i:  g_i' = g_i
-        for j != i in a random order:                                          (Algorithm 1)
-            phi_ij = cos(g_i', g_j)
-            if phi_ij < phi_hat_ij:   (phi_hat_ij: EMA target of the cosine similarity)
-                g_i' += g_j ||g_i'|| (phi_hat_ij sqrt(1 - phi_ij^2) - phi_ij sqrt(1 - phi_hat_ij^2))
-                                    / (||g_j|| sqrt(1 - phi_hat_ij^2))
-            phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij
-    d = sum_i g_i'
+$$
+\begin{aligned}
+&\text{for each task } i \text{:} \quad g_i' = g_i \\
+&\quad \text{for } j \ne i \text{ in a random order:} \qquad \text{Algorithm 1} \\
+&\qquad \phi_{ij} = \cos(g_i', g_j) \\
+&\qquad \text{if } \phi_{ij} < \hat\phi_{ij} \text{:} \quad (\hat\phi_{ij} \text{: EMA target of the cosine similarity}) \\
+&\qquad\quad g_i' \mathrel{+}= g_j \, \frac{\lVert g_i' \rVert \big(\hat\phi_{ij} \sqrt{1 - \phi_{ij}^2} - \phi_{ij} \sqrt{1 - \hat\phi_{ij}^2}\big)}{\lVert g_j \rVert \sqrt{1 - \hat\phi_{ij}^2}} \\
+&\qquad \hat\phi_{ij} \leftarrow (1 - \beta) \, \hat\phi_{ij} + \beta \, \phi_{ij} \\
+&d = \textstyle\sum_i g_i'
+\end{aligned}
+$$
 
 As with PCGrad, g_i' stays a linear combination of the original gradients, so the whole procedure (cosines and
 norms included) runs on the T x T Gramian (a `GramianBalancer`) and the logged weights are the coefficients of d.
 phi_hat (T x T, starts at 0) is a state variable. beta = 0.01 is the paper's; LibMTL's default is 0.5. The
 targets are updated for every visited pair, as in Algorithm 1. Whole-model granularity (one phi_hat per pair).
 No eps in the cosines (scale-free). Measured accuracy (first step) (float32 against float64 over the scale battery,
-`tests/balancers/test_scale_battery.py`): ||d - d*|| <= 1e-5
-max_t ||g_t|| (measured 3.0e-6) against Algorithm 1 on the vectors in float64.
+`tests/balancers/test_scale_battery.py`): $\lVert d - d^* \rVert \le 10^{-5}
+\max_t \lVert g_t \rVert$ (measured 3.0e-6) against Algorithm 1 on the vectors in float64.
 """
 
 import keras
@@ -24,7 +27,7 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -38,6 +41,10 @@ class GradVac(GramianBalancer):
         beta: EMA rate of the target similarities (default 0.01, the paper's).
         seed: seed of the balancer's `SeedGenerator` (the random task order).
     """
+
+    plain_single_task = True
+    permutation_equivariant = Disclaimed("random task order")
+    amortisable = "coefficients from the last refresh; targets updated on refresh steps"
 
     def __init__(self, beta=0.01, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

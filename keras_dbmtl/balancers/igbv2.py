@@ -1,11 +1,15 @@
-"""IGBv2: improvable gap balancing, v2 (Dai et al., "Improvable Gap Balancing for Multi-Task Learning", UAI 2023).
+r"""IGBv2: improvable gap balancing, v2 (Dai et al., "Improvable Gap Balancing for Multi-Task Learning", UAI 2023).
 
 IGB weights the log-losses (scale-invariant) with weights chosen by a reinforcement-learning agent:
 
-    s_k = l(k) / l_base                        state: the losses relative to the base epoch's mean losses
-    w_k = T softmax(u_k),  u_k ~ pi(. | s_k)   action: the task weights
-    r_k = min_t (l_t(k-1) - l_t(k)) / l_base,t reward: the smallest relative loss decrease (an improvable gap)
-    L   = sum_t w_t log l_t                    (loss_transform="log", the paper's scale-invariant losses)
+$$
+\begin{aligned}
+s_k &= \ell(k) / \ell_{\mathrm{base}} \qquad \text{state: the losses relative to the base epoch's mean losses} \\
+w_k &= T \operatorname{softmax}(u_k), \quad u_k \sim \pi(\cdot \mid s_k) \qquad \text{action: the task weights} \\
+r_k &= \min_t \big(\ell_t(k-1) - \ell_t(k)\big) / \ell_{\mathrm{base},t} \qquad \text{reward: the smallest relative loss decrease (an improvable gap)} \\
+L &= \textstyle\sum_t w_t \log \ell_t \qquad \text{loss\_transform="log", the paper's scale-invariant losses}
+\end{aligned}
+$$
 
 For the first `warmup_epochs` epochs the weights are random, w = T softmax(N(0, I)) (as IGBv2's code); l_base is
 the mean training loss of epoch `base_epoch` (counted by `on_epoch_end`, see DWA).
@@ -23,7 +27,7 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import LossBalancer
+from keras_dbmtl.balancers.base import Disclaimed, LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -39,6 +43,9 @@ class IGBv2(LossBalancer):
         seed: seed of the balancer's `SeedGenerator`.
         loss_transform: "log" (default, IGB's scale-invariant losses) or None.
     """
+
+    plain_single_task = Disclaimed("log transform and random weights")
+    permutation_equivariant = Disclaimed("random weights during warm-up")
 
     def __init__(self, warmup_epochs=5, base_epoch=0, policy_learning_rate=0.01, exploration=1.0, seed=None,
                  loss_transform="log", eps=1e-8, **kwargs):

@@ -1,8 +1,12 @@
-"""IMTL-G: the gradient balancing half of IMTL (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021).
+r"""IMTL-G: the gradient balancing half of IMTL (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021).
 
-    u_t = g_t / ||g_t||,   D = [g_1 - g_2, ..., g_1 - g_T],   U = [u_1 - u_2, ..., u_1 - u_T]
-    alpha_{2:T} = g_1 U^T (D U^T)^-1,   alpha_1 = 1 - sum_{t>=2} alpha_t      (Section 3, closed form)
-    d = sum_t alpha_t g_t                 (d has equal projections d . u_t on every task's unit gradient)
+$$
+\begin{aligned}
+u_t &= g_t / \lVert g_t \rVert, \quad D = [g_1 - g_2, \dots, g_1 - g_T], \quad U = [u_1 - u_2, \dots, u_1 - u_T] \\
+\alpha_{2:T} &= g_1 U^\top (D U^\top)^{-1}, \quad \alpha_1 = 1 - \textstyle\sum_{t \ge 2} \alpha_t \qquad \text{Section 3, closed form} \\
+d &= \textstyle\sum_t \alpha_t g_t \qquad d \text{ has equal projections } d \cdot u_t \text{ on every task's unit gradient}
+\end{aligned}
+$$
 
 Every product above is an entry of G = J J^T scaled by the norms, so IMTL-G needs only the Gramian: the same
 alpha is alpha = N^-1 C^+ 1 / (1^T N^-1 C^+ 1) (C the cosine matrix, N = diag ||g_t||; see `imtl_g_weights`),
@@ -10,7 +14,7 @@ computed with an `eigh` pseudo-inverse of C, so degenerate cases (two tasks with
 give a least-squares answer instead of a failure. Heads receive their own task's gradient.
 
 Measured accuracy (float32, `tests/balancers/test_scale_battery.py`: full-rank Jacobians, T = 2..40, norms
-1e-6..1e6 spanning 1e4 within a problem): ||d - d*|| / ||d*|| <= 0.3 against the paper's conditions solved in
+1e-6..1e6 spanning 1e4 within a problem): $\lVert d - d^* \rVert / \lVert d^* \rVert \le 0.3$ against the paper's conditions solved in
 float64: measured <= 3e-4 on all problems but one, 0.13 on T = 40 with 20 nearly collinear tasks (cosines
 ~0.95) and norms spanning 1e4. This is float32's
 limit on an ill-conditioned cosine matrix (C^+ amplifies its rounding); the previous form (the paper's system
@@ -48,6 +52,10 @@ class IMTLG(GramianBalancer):
 
     Cost: T backward + O(T^2 P) Gramian.
     """
+
+    plain_single_task = True
+    permutation_equivariant = True
+    amortisable = "closed-form weights from the last refresh"
 
     def aggregate(self, losses, task_jacobian):
         return Aggregation(task_weights=imtl_g_weights(task_jacobian.gramian(), self.eps))

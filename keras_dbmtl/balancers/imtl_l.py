@@ -1,6 +1,10 @@
-"""IMTL-L: the loss balancing half of IMTL (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021).
+r"""IMTL-L: the loss balancing half of IMTL (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021).
 
-    L = sum_t [ exp(s_t) l_t - s_t ]                                           (Section 3 of the paper)
+$$
+\begin{aligned}
+L &= \textstyle\sum_t \big[ e^{s_t} \ell_t - s_t \big] \qquad \text{Section 3 of the paper}
+\end{aligned}
+$$
 
 The scales s_t (initialised to 0) are trainable variables updated by the model's optimizer with the network:
 one gradient step on s per iteration, as in the paper. Logged weight: exp(s_t). The DB-MTL paper's
@@ -21,6 +25,9 @@ def scaled_losses(losses, scales):
 @register("imtl_l")
 class IMTLL(LossBalancer):
     """IMTL-L: learnable loss scales s_t, loss exp(s_t) l_t - s_t. Cost: 1 backward."""
+
+    plain_single_task = True
+    permutation_equivariant = True
 
     def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
         super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)

@@ -1,11 +1,15 @@
-"""MetaBalance: adapting the gradient magnitudes of auxiliary tasks (He et al., "MetaBalance: Improving
+r"""MetaBalance: adapting the gradient magnitudes of auxiliary tasks (He et al., "MetaBalance: Improving
 Multi-Task Recommendations via Adapting Gradient Magnitudes of Auxiliary Tasks", WWW 2022).
 
 For every shared variable v (a weight tensor) and task t, with `target` the task the others are balanced to:
 
-    m_t^v <- beta m_t^v + (1 - beta) ||g_t^v||                                 (moving average of the magnitude)
-    g_t^v <- r (m_target^v / m_t^v) g_t^v + (1 - r) g_t^v                      (Algorithm 1, relax factor r)
-    d^v    = sum_t g_t^v
+$$
+\begin{aligned}
+m_t^v &\leftarrow \beta m_t^v + (1 - \beta) \lVert g_t^v \rVert \qquad \text{moving average of the magnitude} \\
+g_t^v &\leftarrow r \, (m_{\mathrm{target}}^v / m_t^v) \, g_t^v + (1 - r) \, g_t^v \qquad \text{Algorithm 1, relax factor } r \\
+d^v &= \textstyle\sum_t g_t^v
+\end{aligned}
+$$
 
 Defaults r = 0.7, beta = 0.9 (the paper's). The paper has one target task and auxiliary tasks; its optimizer
 takes the first loss as the target, so does this class by default (`target=0`, or a task name). The moving
@@ -20,7 +24,7 @@ having no target-task gradient; not reproduced). Logged weight: the scale factor
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters, resolve_task
-from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -35,6 +39,10 @@ class MetaBalance(JacobianBalancer):
         beta: moving-average rate of the magnitudes (default 0.9).
         target: the target task, by index or name (default 0, the first).
     """
+
+    plain_single_task = True
+    permutation_equivariant = Disclaimed("target task 0")
+    amortisable = Disclaimed("element-wise magnitude balancing")
 
     def __init__(self, relax_factor=0.7, beta=0.9, target=0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

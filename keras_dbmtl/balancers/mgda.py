@@ -1,9 +1,13 @@
-"""MGDA: multiple-gradient descent (Sener and Koltun, "Multi-Task Learning as Multi-Objective Optimization",
+r"""MGDA: multiple-gradient descent (Sener and Koltun, "Multi-Task Learning as Multi-Objective Optimization",
 NeurIPS 2018).
 
-    n_t = 1 | ||g_t|| | l_t | l_t ||g_t||                       gradient normaliser: "none" | "l2" | "loss" | "loss+"
-    w   = argmin_{w in simplex} || sum_t w_t g_t / n_t ||^2       (Eq. 3: the min-norm point of the convex hull)
-    theta <- theta - lr sum_t w_t g_t;   psi_t <- psi_t - lr w_t grad l_t
+$$
+\begin{aligned}
+n_t &= 1 \mid \lVert g_t \rVert \mid \ell_t \mid \ell_t \lVert g_t \rVert \qquad \text{gradient normaliser: "none" | "l2" | "loss" | "loss+"} \\
+w &= \operatorname*{argmin}_{w \in \text{simplex}} \Big\lVert \textstyle\sum_t w_t g_t / n_t \Big\rVert^2 \qquad \text{Eq. 3: the min-norm point of the convex hull} \\
+\theta &\leftarrow \theta - \mathrm{lr} \textstyle\sum_t w_t g_t; \quad \psi_t \leftarrow \psi_t - \mathrm{lr} \, w_t \nabla \ell_t
+\end{aligned}
+$$
 
 As in the paper's code, the weights found on the normalised gradients scale the *raw* task losses (shared
 variables and heads alike: the DB-MTL paper lists MGDA among the methods whose weights reach the heads), and the
@@ -18,7 +22,7 @@ while its loss is not (a dead ReLU branch) makes zero the min-norm point: the sh
 as the method defines it; `stalls_on_zero_gradient` makes `fit` warn once, naming the task (`callbacks.TaskReport`).
 (A task without labels in a batch, loss and gradient exactly 0, is left out instead: see `TaskJacobian.labelled`.) Measured accuracy (float32 against float64
 over the scale battery, `tests/balancers/test_scale_battery.py`):
-||d - d*|| <= 1e-4 max_t ||g_t / n_t|| in every normalisation (d*: NNLS in float64); measured <= 5e-8 except a
+$\lVert d - d^* \rVert \le 10^{-4} \max_t \lVert g_t / n_t \rVert$ in every normalisation ($d^*$: NNLS in float64); measured <= 5e-8 except a
 rank-deficient "l2" problem (T = 40, P = 6) at 6e-5.
 """
 
@@ -43,6 +47,10 @@ class MGDA(GramianBalancer):
             transform.
         scale_heads: multiply each head's gradient by its task weight (default True, the paper's code).
     """
+
+    plain_single_task = True
+    permutation_equivariant = True
+    amortisable = "min-norm weights from the last refresh (heads too with scale_heads)"
 
     stalls_on_zero_gradient = True
 

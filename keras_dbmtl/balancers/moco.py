@@ -1,11 +1,15 @@
-"""MoCo: multi-objective gradient correction (Fernando et al., "Mitigating Gradient Bias in Multi-objective
+r"""MoCo: multi-objective gradient correction (Fernando et al., "Mitigating Gradient Bias in Multi-objective
 Learning: A Provably Convergent Approach", ICLR 2023).
 
-    h_t   = l_t g_t / ||g_t||                      (the authors' code: normalised gradients scaled by the raw loss)
-    y_t  <- y_t - beta_k (y_t - h_t)               (Algorithm 1: tracking of the task gradients)
-    lam  <- Proj_simplex( lam - gamma_k (Y Y^T + rho I) lam )
-    d     = Y^T lam
-    beta_k = beta / k^beta_sigma,  gamma_k = gamma / k^gamma_sigma
+$$
+\begin{aligned}
+h_t &= \ell_t \, g_t / \lVert g_t \rVert \qquad \text{the authors' code: normalised gradients scaled by the raw loss} \\
+y_t &\leftarrow y_t - \beta_k (y_t - h_t) \qquad \text{Algorithm 1: tracking of the task gradients} \\
+\lambda &\leftarrow \operatorname{Proj}_{\text{simplex}}\big(\lambda - \gamma_k (Y Y^\top + \rho I) \lambda\big) \\
+d &= Y^\top \lambda \\
+\beta_k &= \beta / k^{\beta_\sigma}, \quad \gamma_k = \gamma / k^{\gamma_\sigma}
+\end{aligned}
+$$
 
 Defaults (the authors' code via LibMTL): beta = 0.5, beta_sigma = 0.5, gamma = 0.1, gamma_sigma = 0.5, rho = 0.
 The paper projects lam onto the simplex (as here); LibMTL uses a softmax instead. The paper's projection of y_t
@@ -18,7 +22,7 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -31,6 +35,10 @@ class MoCo(JacobianBalancer):
         gamma, gamma_sigma: weight step gamma / k^gamma_sigma (defaults 0.1, 0.5).
         rho: l2 regularisation of lam (default 0.0).
     """
+
+    plain_single_task = Disclaimed("scaled by the raw loss and normalised")
+    permutation_equivariant = True
+    amortisable = "lambda from the last refresh; tracked gradients and lambda updated on refresh steps"
 
     def __init__(self, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0, loss_transform=None,
                  eps=1e-8, **kwargs):

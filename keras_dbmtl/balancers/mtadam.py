@@ -1,13 +1,17 @@
-"""MTAdam: multi-task Adam (Malkiel and Wolf, "MTAdam: Automatic Balancing of Multiple Training Loss Terms",
+r"""MTAdam: multi-task Adam (Malkiel and Wolf, "MTAdam: Automatic Balancing of Multiple Training Loss Terms",
 EMNLP 2021).
 
 For every shared variable v and task t (task 0 is the anchor, the first task with a non-zero magnitude):
 
-    n_t^v <- ||g_t^v|| at the first step, then beta_3 n_t^v + (1 - beta_3) ||g_t^v||
-    g_t^v <- (n_anchor^v / n_t^v) g_t^v                                        (Algorithm 1: balance the magnitudes)
-    m_t <- beta_1 m_t + (1 - beta_1) g_t;   u_t <- beta_2 u_t + (1 - beta_2) g_t^2     (one Adam state per task)
-    d    = (1 / (1 - beta_1^k)) sum_t m_t / max_t( sqrt(u_t / (1 - beta_2^k)) + eps )
-    theta <- theta - lr d
+$$
+\begin{aligned}
+n_t^v &\leftarrow \lVert g_t^v \rVert \text{ at the first step, then } \beta_3 n_t^v + (1 - \beta_3) \lVert g_t^v \rVert \\
+g_t^v &\leftarrow (n_{\mathrm{anchor}}^v / n_t^v) \, g_t^v \qquad \text{Algorithm 1: balance the magnitudes} \\
+m_t &\leftarrow \beta_1 m_t + (1 - \beta_1) g_t; \quad u_t \leftarrow \beta_2 u_t + (1 - \beta_2) g_t^2 \qquad \text{one Adam state per task} \\
+d &= \frac{1}{1 - \beta_1^k} \textstyle\sum_t m_t \Big/ \max_t\Big(\sqrt{u_t / (1 - \beta_2^k)} + \epsilon\Big) \\
+\theta &\leftarrow \theta - \mathrm{lr} \, d
+\end{aligned}
+$$
 
 Defaults beta = (0.9, 0.999, 0.9), eps = 1e-8 (the paper's). MTAdam is an optimizer; here it is a balancer that
 returns d, and the model's optimizer then applies its own rule to d. Compile with
@@ -21,7 +25,7 @@ Logged weight: the balancing factor n_anchor / n_t averaged over the variables.
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, JacobianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, JacobianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -34,6 +38,10 @@ class MTAdam(JacobianBalancer):
         beta_3: rate of the gradient-magnitude averages (default 0.9).
         epsilon: Adam's epsilon (default 1e-8).
     """
+
+    plain_single_task = Disclaimed("Adam-normalised direction")
+    permutation_equivariant = Disclaimed("anchor task 0")
+    amortisable = Disclaimed("element-wise Adam-style moments of each task's gradient")
 
     def __init__(self, beta_1=0.9, beta_2=0.999, beta_3=0.9, epsilon=1e-8, loss_transform=None, eps=1e-8,
                  **kwargs):

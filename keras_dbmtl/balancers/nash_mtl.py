@@ -1,8 +1,12 @@
-"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022).
+r"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022).
 
-    G = J J^T                                     (the real Gramian, Section 3.1; scale-equivariant)
-    find alpha > 0 with  G alpha = 1 / alpha      (Section 3: the Nash bargaining solution, elementwise)
-    d = sum_t alpha_t g_t,   clipped to ||d|| <= max_norm;   psi_t <- psi_t - lr alpha_t grad l_t
+$$
+\begin{aligned}
+G &= J J^\top \qquad \text{the real Gramian, Section 3.1; scale-equivariant} \\
+&\text{find } \alpha > 0 \text{ with } G \alpha = 1 / \alpha \qquad \text{Section 3: the Nash bargaining solution, elementwise} \\
+d &= \textstyle\sum_t \alpha_t g_t, \text{ clipped to } \lVert d \rVert \le \text{max\_norm}; \quad \psi_t \leftarrow \psi_t - \mathrm{lr} \, \alpha_t \nabla \ell_t
+\end{aligned}
+$$
 
 The official code approximates alpha by a sequence of convex problems (cvxpy, at most `optim_niter` = 20). Here
 alpha is the exact solution, computed in the compiled step by `solvers.power_fair_weights` (Newton's method with a
@@ -24,7 +28,7 @@ from keras import ops
 
 from keras_dbmtl.balancers import solvers
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -56,6 +60,11 @@ class NashMTL(GramianBalancer):
         max_norm: clip the shared direction's norm to this (default 1.0; 0 disables).
         update_weights_every: recompute alpha every this many steps (default 1).
     """
+
+    plain_single_task = Disclaimed(
+        "the update is clipped to max_norm=1 (plain with max_norm=0, tested in test_nash_mtl.py)")
+    permutation_equivariant = True
+    amortisable = "weights from the last refresh; warm start updated on refresh steps"
 
     def __init__(self, max_norm=1.0, update_weights_every=1, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

@@ -1,9 +1,13 @@
-"""PCGrad: projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020).
+r"""PCGrad: projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020).
 
-    for each task i:  g_i^PC = g_i
-        for j != i in a random order:                                          (Algorithm 1)
-            if g_i^PC . g_j < 0:  g_i^PC <- g_i^PC - (g_i^PC . g_j / ||g_j||^2) g_j
-    d = sum_i g_i^PC
+$$
+\begin{aligned}
+&\text{for each task } i \text{:} \quad g_i^{PC} = g_i \\
+&\quad \text{for } j \ne i \text{ in a random order:} \qquad \text{Algorithm 1} \\
+&\qquad \text{if } g_i^{PC} \cdot g_j < 0 \text{:} \quad g_i^{PC} \leftarrow g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\lVert g_j \rVert^2} \, g_j \\
+&d = \textstyle\sum_i g_i^{PC}
+\end{aligned}
+$$
 
 Every g_i^PC is a linear combination of the original gradients, g_i^PC = sum_j C_ij g_j, and every inner
 product the algorithm needs is an entry of C G (G = J J^T). So the surgery runs on the T x T Gramian (a
@@ -11,14 +15,14 @@ product the algorithm needs is an entry of C G (G = J J^T). So the surgery runs 
 exactly the coefficients of the direction. The random order (one permutation per task, every step) comes from the
 balancer's `SeedGenerator`. Heads receive their own task's gradient. Measured accuracy (float32 against float64 over
 the scale battery, `tests/balancers/test_scale_battery.py`):
-||d - d*|| <= 1e-5 max_t ||g_t|| (measured 2.7e-6) against Algorithm 1 on the vectors in float64.
+$\lVert d - d^* \rVert \le 10^{-5} \max_t \lVert g_t \rVert$ (measured 2.7e-6) against Algorithm 1 on the vectors in float64.
 """
 
 import keras
 from keras import ops
 
 from keras_dbmtl.balancers import solvers
-from keras_dbmtl.balancers.base import Aggregation, GramianBalancer
+from keras_dbmtl.balancers.base import Aggregation, Disclaimed, GramianBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -53,6 +57,10 @@ class PCGrad(GramianBalancer):
     Args:
         seed: seed of the balancer's `SeedGenerator` (the random task order).
     """
+
+    plain_single_task = True
+    permutation_equivariant = Disclaimed("random task order")
+    amortisable = "projection coefficients from the last refresh (random task order drawn on refresh steps)"
 
     def __init__(self, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

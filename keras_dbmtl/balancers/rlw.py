@@ -1,7 +1,11 @@
-"""RLW: random loss weighting (Lin et al., "Reasonable Effectiveness of Random Weighting", TMLR 2022).
+r"""RLW: random loss weighting (Lin et al., "Reasonable Effectiveness of Random Weighting", TMLR 2022).
 
-    lambda ~ p(lambda),  w = softmax(lambda)                                   (Section 3 of the paper)
-    L = sum_t w_t l_t                                                          (new weights at every step)
+$$
+\begin{aligned}
+\lambda &\sim p(\lambda), \quad w = \operatorname{softmax}(\lambda) \qquad \text{Section 3 of the paper} \\
+L &= \textstyle\sum_t w_t \ell_t \qquad \text{new weights at every step}
+\end{aligned}
+$$
 
 `distribution="normal"` (the paper's default and LibMTL's: lambda ~ N(0, I)) or `"uniform"` (U(0, 1)), both
 followed by a softmax, so the weights sum to 1. The samples come from a `keras.random.SeedGenerator` owned by the
@@ -12,7 +16,7 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import LossBalancer
+from keras_dbmtl.balancers.base import Disclaimed, LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 DISTRIBUTIONS = ("normal", "uniform")
@@ -26,6 +30,9 @@ class RLW(LossBalancer):
         distribution: "normal" (default) or "uniform".
         seed: seed of the balancer's `SeedGenerator` (None: random).
     """
+
+    plain_single_task = True
+    permutation_equivariant = Disclaimed("random weights")
 
     def __init__(self, distribution="normal", seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

@@ -1,9 +1,13 @@
-"""STCH: smooth Tchebycheff scalarisation (Lin et al., "Smooth Tchebycheff Scalarization for Multi-Objective
+r"""STCH: smooth Tchebycheff scalarisation (Lin et al., "Smooth Tchebycheff Scalarization for Multi-Objective
 Optimization", ICML 2024), as its authors run it for multi-task learning (their LibMTL extension).
 
-    f_t     = log(l_t / z_t)                         z_t: nadir-like reference point (below)
-    L_mu    = mu log sum_t exp(f_t / mu)             (smooth Tchebycheff, Section 3; lambda_t = 1)
-    L       = T L_mu                                 (the authors' scaling)
+$$
+\begin{aligned}
+f_t &= \log(\ell_t / z_t) \qquad z_t \text{: nadir-like reference point (below)} \\
+L_\mu &= \mu \log \textstyle\sum_t \exp(f_t / \mu) \qquad \text{smooth Tchebycheff, Section 3; } \lambda_t = 1 \\
+L &= T \, L_\mu \qquad \text{the authors' scaling}
+\end{aligned}
+$$
 
 Warm-up, as the authors' code counts it (0-based epochs e: `e < W` log-EW; `e == W` log-EW while averaging the
 losses; else STCH): epochs 0 .. W - 1 use sum_t log l_t (EW on log-losses), epoch W (the (W + 1)-th) too, and
@@ -18,7 +22,7 @@ STCH already works on log-losses, so `loss_transform="log"` is rejected.
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters, reject_log_transform
-from keras_dbmtl.balancers.base import LossBalancer
+from keras_dbmtl.balancers.base import Disclaimed, LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -31,6 +35,9 @@ class STCH(LossBalancer):
         warmup_epochs: W: epochs 0..W of sum_t log l_t, the last of them (epoch W) estimates z; STCH from
             epoch W + 1, as the authors' code (default 4).
     """
+
+    plain_single_task = Disclaimed("the smoothed Tchebycheff scalarisation of log-losses")
+    permutation_equivariant = Disclaimed("state from warm-up epochs")
 
     def __init__(self, mu=1.0, warmup_epochs=4, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

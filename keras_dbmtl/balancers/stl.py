@@ -1,6 +1,10 @@
-"""STL: single-task learning through the multi-task model, for the STL baselines of every application.
+r"""STL: single-task learning through the multi-task model, for the STL baselines of every application.
 
-    L = l_task                           (weight 1 on the chosen task, 0 on the others)
+$$
+\begin{aligned}
+L &= \ell_{\mathrm{task}} \qquad \text{weight 1 on the chosen task, 0 on the others}
+\end{aligned}
+$$
 
 The other heads receive no gradient (their losses are still computed and logged). `STL(task="depth")` picks the
 task by name (or index); `balancers.get("stl")` trains the first task.
@@ -9,7 +13,7 @@ task by name (or index); `balancers.get("stl")` trains the first task.
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters, resolve_task
-from keras_dbmtl.balancers.base import LossBalancer
+from keras_dbmtl.balancers.base import Disclaimed, LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -20,6 +24,9 @@ class STL(LossBalancer):
     Args:
         task: the task's name or index (default: the first task).
     """
+
+    plain_single_task = True
+    permutation_equivariant = Disclaimed("one chosen task")
 
     def __init__(self, task=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

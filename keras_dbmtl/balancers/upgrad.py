@@ -1,15 +1,20 @@
-"""UPGrad: unconflicting projection of gradients (Quinton and Rey, "Jacobian Descent for Multi-Objective
+r"""UPGrad: unconflicting projection of gradients (Quinton and Rey, "Jacobian Descent for Multi-Objective
 Optimization", 2024).
 
-    pi_J(x)  = argmin_{y : J y >= 0} ||y - x||                  (Eq. 3: projection onto the dual cone of the rows)
-    pi_J(J^T u) = J^T v,  v = argmin_{v >= u} v^T G v            (Proposition 1, G = J J^T)
-    d = (1/T) sum_t pi_J(g_t) = J^T sum_t v^(t),   v^(t) = argmin_{v >= e_t / T} v^T G v   (pi_J is homogeneous)
+$$
+\begin{aligned}
+\pi_J(x) &= \operatorname*{argmin}_{y \,:\, J y \ge 0} \lVert y - x \rVert \qquad \text{Eq. 3: projection onto the dual cone of the rows} \\
+\pi_J(J^\top u) &= J^\top v, \quad v = \operatorname*{argmin}_{v \ge u} v^\top G v \qquad \text{Proposition 1, } G = J J^\top \\
+d &= \tfrac{1}{T} \textstyle\sum_t \pi_J(g_t) = J^\top \sum_t v^{(t)}, \quad v^{(t)} = \operatorname*{argmin}_{v \ge e_t / T} v^\top G v
+    \qquad \pi_J \text{ is homogeneous}
+\end{aligned}
+$$
 
 so J d >= 0: d conflicts with no task. As TorchJD/LibMTL, G is normalised by its trace (zero when the trace is
 below `norm_eps`) and regularised by `reg_eps` I; defaults 1e-4 and 1e-4. The T quadratic programs (quadprog in
 the reference) are solved together in the compiled step by `solvers.box_qp_weights`. Heads receive their own
 task's gradient. Measured accuracy (float32 against float64 over the scale battery,
-`tests/balancers/test_scale_battery.py`): ||d - d*|| <= 2e-5 max_t ||g_t|| (measured 9.5e-6) against
+`tests/balancers/test_scale_battery.py`): $\lVert d - d^* \rVert \le 2 \cdot 10^{-5} \max_t \lVert g_t \rVert$ (measured 9.5e-6) against
 BVLS in float64.
 """
 
@@ -40,6 +45,10 @@ class UPGrad(GramianBalancer):
         norm_eps: trace below which the Gramian is treated as zero (default 1e-4).
         reg_eps: ridge added to the normalised Gramian (default 1e-4).
     """
+
+    plain_single_task = True
+    permutation_equivariant = True
+    amortisable = "weights from the last refresh"
 
     def __init__(self, norm_eps=1e-4, reg_eps=1e-4, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

@@ -1,7 +1,11 @@
-"""UW: uncertainty weighting (Kendall, Gal and Cipolla, CVPR 2018).
+r"""UW: uncertainty weighting (Kendall, Gal and Cipolla, CVPR 2018).
 
-    L = sum_t [ l_t / (2 sigma_t^2) + log sigma_t ]                            (Eq. 7, regression likelihood)
-      = sum_t [ l_t / (2 exp(s_t)) + s_t / 2 ],   s_t = log sigma_t^2 learnable  (the paper's stable form)
+$$
+\begin{aligned}
+L &= \textstyle\sum_t \Big[ \frac{\ell_t}{2 \sigma_t^2} + \log \sigma_t \Big] \qquad \text{Eq. 7, regression likelihood} \\
+&= \textstyle\sum_t \Big[ \frac{\ell_t}{2 e^{s_t}} + \frac{s_t}{2} \Big], \quad s_t = \log \sigma_t^2 \text{ learnable} \qquad \text{the paper's stable form}
+\end{aligned}
+$$
 
 The log-variances s_t are trainable variables updated by the model's optimizer together with the network (the
 model differentiates L with respect to them). As in LibMTL (the DB-MTL paper's library), every task uses the
@@ -12,7 +16,7 @@ import keras
 from keras import ops
 
 from keras_dbmtl.balancers._checks import check_hyperparameters
-from keras_dbmtl.balancers.base import LossBalancer
+from keras_dbmtl.balancers.base import Disclaimed, LossBalancer
 from keras_dbmtl.balancers.registry import register
 
 
@@ -23,6 +27,9 @@ class UW(LossBalancer):
     Args:
         initial_log_variance: initial s_t (default -0.5, LibMTL's).
     """
+
+    plain_single_task = Disclaimed("weight 1 / (2 exp(s)) with s = -0.5 at start")
+    permutation_equivariant = True
 
     def __init__(self, initial_log_variance=-0.5, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

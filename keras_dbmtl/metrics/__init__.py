@@ -15,14 +15,16 @@ Stateful Keras metrics (accumulate over an epoch, jit-safe, exact counts):
 Training diagnostics: :class:`GradientStatistics` (the task gradients' Gramian and cosines, fed by the model;
 see ``keras_dbmtl.callbacks.TaskBalanceMonitor``).
 
-Delta_p: :func:`delta_p`, :func:`delta_p_per_task` and the :class:`DeltaP`
-callback (writes ``val_delta_p``).
+Delta_p: :func:`delta_p`, :func:`delta_p_per_task` (the callback that writes ``val_delta_p`` every epoch is
+``keras_dbmtl.callbacks.DeltaP``).
 """
 
 from keras_dbmtl.metrics.classification import ClassificationAccuracy
 from keras_dbmtl.metrics.delta_p import default_higher_is_better
 from keras_dbmtl.metrics.delta_p import delta_p
 from keras_dbmtl.metrics.delta_p import delta_p_per_task
+from keras_dbmtl.metrics.delta_p import group_baselines
+from keras_dbmtl.metrics.delta_p import is_higher_better
 from keras_dbmtl.metrics.depth import DepthAbsError
 from keras_dbmtl.metrics.depth import DepthRelError
 from keras_dbmtl.metrics.gradient_statistics import GradientStatistics
@@ -55,7 +57,6 @@ def nyuv2_metrics(num_classes=13, ignore_index=-1):
 
 __all__ = [
     "ClassificationAccuracy",
-    "DeltaP",
     "DenormalizedMAE",
     "DepthAbsError",
     "DepthRelError",
@@ -68,15 +69,7 @@ __all__ = [
     "default_higher_is_better",
     "delta_p",
     "delta_p_per_task",
+    "group_baselines",
+    "is_higher_better",
     "nyuv2_metrics",
 ]
-
-
-def __getattr__(name):
-    # `DeltaP`, the callback, lives with the other callbacks (keras_dbmtl/callbacks.py); imported on first use
-    # because keras_dbmtl.callbacks imports the Delta_p functions from here.
-    if name == "DeltaP":
-        from keras_dbmtl.callbacks import DeltaP
-
-        return DeltaP
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,7 @@ import re
 
 import keras
 
-__all__ = ["delta_p", "delta_p_per_task", "default_higher_is_better", "DeltaP"]
+__all__ = ["delta_p", "delta_p_per_task", "default_higher_is_better", "group_baselines", "is_higher_better"]
 
 # Default metric names of keras_dbmtl.metrics -> whether higher is better.
 _KNOWN_DIRECTIONS = (
@@ -63,7 +63,8 @@ def default_higher_is_better(key):
         "pass higher_is_better={key: bool, ...} (or one bool for all).")
 
 
-def _normalise_baselines(baselines):
+def group_baselines(baselines):
+    """`baselines` as {task: {metric key: float}}: a task given one number is its own metric key."""
     if not baselines:
         raise ValueError("`baselines` is empty.")
     grouped = {}
@@ -77,7 +78,9 @@ def _normalise_baselines(baselines):
     return grouped
 
 
-def _direction(key, higher_is_better):
+def is_higher_better(key, higher_is_better=None):
+    """Whether a higher `key` is better: from `higher_is_better` (one bool, or {key: bool}), else the metric's name
+    (`default_higher_is_better`)."""
     if isinstance(higher_is_better, bool):
         return higher_is_better
     if higher_is_better is None:
@@ -95,7 +98,7 @@ def _value(results, key):
 
 
 def _relative_changes(results, baselines, higher_is_better, prefix):
-    grouped = _normalise_baselines(baselines)
+    grouped = group_baselines(baselines)
     missing = [prefix + k for metrics in grouped.values() for k in metrics
                if prefix + k not in results]
     if missing:
@@ -108,7 +111,7 @@ def _relative_changes(results, baselines, higher_is_better, prefix):
         for key, base in metrics.items():
             if base == 0:
                 raise ValueError(f"Baseline of {key!r} is 0: Delta_p undefined.")
-            sign = 1.0 if _direction(key, higher_is_better) else -1.0
+            sign = 1.0 if is_higher_better(key, higher_is_better) else -1.0
             value = _value(results, prefix + key)
             changes[task].append(sign * (value - base) / base)
     return changes
@@ -147,12 +150,3 @@ def delta_p(results, baselines, higher_is_better=None, *, prefix="",
         flat = [x for c in changes.values() for x in c]
         return 100.0 * sum(flat) / len(flat)
     raise ValueError(f"average must be 'task' or 'metric', got {average!r}.")
-
-
-def __getattr__(name):
-    # `DeltaP`, the callback, lives with the other callbacks (keras_dbmtl/callbacks.py).
-    if name == "DeltaP":
-        from keras_dbmtl.callbacks import DeltaP
-
-        return DeltaP
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

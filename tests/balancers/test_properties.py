@@ -2,13 +2,14 @@
 
 - finite output (direction and task weights; or combined loss, weights and gradient) on task Jacobians scaled from 0
   to 1e15 and on rank-deficient ones (a repeated row, a zero row, opposite rows), and on losses from 1e-8 to 1e15;
-- T = 1 gives the plain gradient, for the methods that claim it (`PLAIN_SINGLE_TASK`);
+- T = 1 gives the plain gradient, for the methods whose class declares it (`plain_single_task`);
 - a permutation of the tasks permutes the weights and leaves the direction unchanged, for the methods that
-  claim it (`PERMUTATION_EQUIVARIANT`: deterministic methods without an anchor task);
-- one claimed property per method where it is cheap (`CLAIMS`), checked on a conflicting random Jacobian.
+  declare it (`permutation_equivariant`: deterministic methods without an anchor task);
+- one claimed property per method where it is cheap (`CLAIMS`), checked on a conflicting random Jacobian;
+- every registered class declares or disclaims (`Disclaimed(reason)`) each capability of `Balancer`
+  (`plain_single_task`, `permutation_equivariant`, `amortisable`, `representation_level`).
 
-A new balancer gets the finiteness checks by being registered; the lists below name the claims each method makes
-(add the new name to those it claims, or to the NOT_ dicts with the reason).
+A new balancer gets every check by being registered and declaring its capabilities on its class.
 """
 
 import numpy as np
@@ -20,38 +21,23 @@ from keras_dbmtl.balancers import TaskJacobian
 
 NAMES = balancers.names()
 
+CAPABILITIES = ("plain_single_task", "permutation_equivariant", "amortisable", "representation_level")
+
+
+def declaring(capability):
+    """The registered names whose class declares `capability` (read from the classes: no list to keep)."""
+    return {cls.registered_name for cls in balancers.registered_classes() if getattr(cls, capability)}
+
+
 #: Direction == g for one task (gradient level), or d(combined loss)/d(loss) == 1 (loss level), at the first step.
-PLAIN_SINGLE_TASK = {
-    "ew", "gls", "rlw", "dwa", "stl", "famo", "imtl_l", "gradnorm", "mgda", "pcgrad", "graddrop", "gradvac",
-    "imtl_g", "imtl", "metabalance", "aligned_mtl", "excessmtl", "upgrad", "config",
-}
-#: Not claimed, with the reason.
-NOT_PLAIN_SINGLE_TASK = {
-    "dbmtl": "log transform and EMA (d = (1 - beta) g at step 1)",
-    "uw": "weight 1 / (2 exp(s)) with s = -0.5 at start",
-    "igbv2": "log transform and random weights",
-    "stch": "log-losses",
-    "moco": "scaled by the raw loss and normalised",
-    "mtadam": "Adam-normalised direction",
-    "fairgrad": "weight ||g||^(-2 / (1 + alpha))",
-    "cagrad": "d = (1 + c) / (1 + c^2) g with the default rescale=1",
-    "nash_mtl": "the update is clipped to max_norm=1 (plain with max_norm=0, tested in test_nash_mtl.py)",
-}
+PLAIN_SINGLE_TASK = declaring("plain_single_task")
 #: Found by this battery and left to the balancers' own fixes (non-strict: they pass once fixed).
 KNOWN_NOT_FINITE = {
     "nash_mtl": "NaN direction on a Jacobian scaled by 1e15",
     "fairgrad": "singular solve on opposite task gradients (torch raises, TensorFlow gives NaN; finite on JAX)",
 }
 #: Methods without randomness, anchor task or order: permuting the tasks permutes the weights.
-PERMUTATION_EQUIVARIANT = {
-    "ew", "gls", "uw", "dwa", "imtl_l", "famo", "dbmtl", "mgda", "gradnorm", "imtl_g", "imtl", "cagrad",
-    "nash_mtl", "moco", "aligned_mtl", "fairgrad", "excessmtl", "upgrad", "config",
-}
-NOT_PERMUTATION_EQUIVARIANT = {
-    "rlw": "random weights", "pcgrad": "random task order", "graddrop": "random masks",
-    "gradvac": "random task order", "stl": "one chosen task", "mtadam": "anchor task 0",
-    "metabalance": "target task 0", "igbv2": "random weights during warm-up", "stch": "state from warm-up epochs",
-}
+PERMUTATION_EQUIVARIANT = declaring("permutation_equivariant")
 
 
 def _kind(name):
@@ -88,14 +74,17 @@ def _loss_output(name, losses):
 
 
 def test_claim_lists_name_registered_balancers_and_every_balancer_has_a_kind():
-    for claimed, unclaimed in ((PLAIN_SINGLE_TASK, NOT_PLAIN_SINGLE_TASK),
-                               (PERMUTATION_EQUIVARIANT, NOT_PERMUTATION_EQUIVARIANT)):
-        assert (claimed | set(unclaimed)) <= set(NAMES) and not claimed & set(unclaimed)
+    """Every registered class declares (True or how) or disclaims (with a reason) each capability, has a kind,
+    and the kind agrees with what it declares (a loss-level method computes no task gradients)."""
     assert set(CLAIMS) <= set(NAMES) and set(KNOWN_NOT_FINITE) <= set(NAMES)
-    for name in NAMES:
-        assert isinstance(
-            balancers.get(name), (balancers.LossBalancer, balancers.GramianBalancer, balancers.JacobianBalancer)
-        ), name
+    for cls in balancers.registered_classes():
+        name = cls.registered_name
+        assert issubclass(cls, (balancers.LossBalancer, balancers.GramianBalancer, balancers.JacobianBalancer)), name
+        for capability in CAPABILITIES:
+            value = getattr(cls, capability)
+            assert value is True or (isinstance(value, str) and len(value) > 10), (name, capability, value)
+        if issubclass(cls, balancers.LossBalancer):
+            assert not cls.amortisable and not cls.representation_level, name
 
 
 def _rank_deficient():

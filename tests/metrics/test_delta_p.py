@@ -11,8 +11,8 @@ import pytest
 
 import keras
 
+from keras_dbmtl.callbacks import DeltaP
 from keras_dbmtl.metrics import (
-    DeltaP,
     DenormalizedMAE,
     default_higher_is_better,
     delta_p,
