@@ -27,6 +27,7 @@ What a front door reads of a balancer (the protocol; `keras_dbmtl.balancers.base
 """
 
 import collections
+import collections.abc
 import math
 
 from keras import ops
@@ -105,3 +106,30 @@ def balance(balancer, losses, shared_blocks, task_gradients=None, labelled=None,
 def combine(balancer, losses):
     """The loss-level balance: (scalar loss to differentiate once, (T,) task weights)."""
     return balancer.combine_losses(losses)
+
+
+def named_losses(losses, door):
+    """(names, values, keyed) of a door's `losses`: a dict {task: scalar} (its keys, in order) or a sequence of
+    scalars (named task0, task1, ...). `door` names the call in the errors (e.g. "backward")."""
+    if isinstance(losses, collections.abc.Mapping):
+        names, values, keyed = [str(k) for k in losses], list(losses.values()), True
+    elif isinstance(losses, (list, tuple)):
+        names, values, keyed = [f"task{i}" for i in range(len(losses))], list(losses), False
+    else:
+        raise TypeError(f"losses must be a dict {{task: scalar tensor}} or a list of scalar tensors, not "
+                        f"{type(losses).__name__}.")
+    if not values:
+        raise ValueError(f"losses is empty: {door} needs one loss per task.")
+    return names, values, keyed
+
+
+def check_same_tasks(names, keyed, first_names, first_keyed, door):
+    """A door's later call has the first call's form (dict or list) and task names (None: this is the first)."""
+    if first_keyed is not None and keyed != first_keyed:
+        raise TypeError("losses were a " + ("dict" if first_keyed else "list") + " at the first call: keep the "
+                        "same form at every call.")
+    if first_names is not None and names != list(first_names):
+        if keyed:
+            raise ValueError(f"The task names changed from {list(first_names)} (the first call) to {names}: pass "
+                             "the same keys, in the same order, at every call.")
+        raise ValueError(f"{door} got {len(names)} losses; the first call had {len(first_names)}.")

@@ -7,7 +7,8 @@ command. What it covers:
   properties (finite on extreme inputs, permutation, Algorithm 1's unit EMA directions);
 - one `fit` per balancer kind: EW (loss level), UPGrad (Gramian), DB-MTL (Jacobian);
 - save and load: a model round trip that keeps training identically, balancer state through a `.keras` file;
-- the bad-input checks (`test_user_errors.py`, the model's own, the hyperparameter ranges, the registry).
+- the bad-input checks (`test_user_errors.py`, the model's own, the hyperparameter ranges, the registry);
+- each front door: DB-MTL against the float64 replay and its bad-input errors; the backend contract.
 
 An entry is a test file, or a test id up to its parameters (then every parametrisation of it), or one exact
 parametrised id.
@@ -35,6 +36,17 @@ QUICK = (
     "tests/test_user_errors.py",
     "tests/balancers/test_hyperparameters.py",
     "tests/balancers/test_registry.py",
+    # the doors: DB-MTL against the float64 replay and the bad-input checks (each skips off its backend), door 1's
+    # equality with the encoder/heads model, the backend contract
+    "tests/doors/test_jax_door.py::test_dbmtl_matches_algorithm_1_in_jit_and_scan",
+    "tests/doors/test_jax_door.py::test_bad_input_errors",
+    "tests/doors/test_torch_door.py::test_dbmtl_matches_algorithm_1",
+    "tests/doors/test_torch_door.py::test_bad_input_names_the_fix",
+    "tests/doors/test_tensorflow_door.py::test_dbmtl_matches_algorithm_1",
+    "tests/doors/test_tensorflow_door.py::test_bad_input_names_the_fix",
+    "tests/test_functional_model.py::test_training_equals_the_encoder_heads_model",
+    "tests/test_functional_model.py::test_bad_outputs_and_shared_variables_get_errors_naming_the_fix",
+    "tests/gradients/test_backend_contract.py",
 )
 
 

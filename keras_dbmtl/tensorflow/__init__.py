@@ -30,7 +30,10 @@ representation-level `features=` argument (the torch door has it).
 """
 
 import collections
+import collections.abc
 import warnings
+
+from keras_dbmtl import balancing
 
 __all__ = ["Balancer"]
 
@@ -60,8 +63,6 @@ class Balancer:
 
     def __init__(self, balancer="dbmtl", vectorize=False, **hyperparameters):
         _require_tensorflow_backend()
-        from keras_dbmtl import balancing
-
         self.balancer = balancing.resolve(balancer, **hyperparameters)
         self.vectorize = bool(vectorize)
         self.task_names = None
@@ -80,15 +81,7 @@ class Balancer:
     def _losses(self, losses):
         import tensorflow as tf
 
-        if isinstance(losses, collections.abc.Mapping):
-            names, values, keyed = [str(k) for k in losses], list(losses.values()), True
-        elif isinstance(losses, (list, tuple)):
-            names, values, keyed = [f"task{i}" for i in range(len(losses))], list(losses), False
-        else:
-            raise TypeError(f"losses must be a dict {{task: scalar tensor}} or a list of scalar tensors, not "
-                            f"{type(losses).__name__}.")
-        if not values:
-            raise ValueError("losses is empty: gradients needs one loss per task.")
+        names, values, keyed = balancing.named_losses(losses, "gradients")
         for name, value in zip(names, values):
             if not tf.is_tensor(value):
                 raise TypeError(f"The loss of task {name!r} is a {type(value).__name__}, not a tensor computed "
@@ -96,11 +89,9 @@ class Balancer:
             if value.shape.rank != 0:
                 raise ValueError(f"The loss of task {name!r} has shape {tuple(value.shape)}, not a scalar: reduce "
                                  "it to one value per task (e.g. tf.reduce_mean).")
+        balancing.check_same_tasks(names, keyed, self.task_names, self._keyed, "gradients")
         if self._keyed is None:
             self._keyed = keyed
-        if self.task_names is not None and names != self.task_names:
-            raise ValueError(f"The task names changed from {self.task_names} (the first call) to {names}: pass the "
-                             "same keys, in the same order, at every call.")
         return names, values
 
     def gradients(self, tape, losses, shared_variables, task_variables=None):
@@ -120,8 +111,6 @@ class Balancer:
             positive under a log transform; checked eagerly only), with a RuntimeWarning.
         """
         import tensorflow as tf
-
-        from keras_dbmtl import balancing
 
         names, values = self._losses(losses)
         shared = list(shared_variables)

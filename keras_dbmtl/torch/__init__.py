@@ -54,7 +54,10 @@ default on the CPU) pulls one task row at a time.
 """
 
 import collections
+import collections.abc
 import warnings
+
+from keras_dbmtl import balancing
 
 __all__ = ["Balancer", "Step"]
 
@@ -121,8 +124,6 @@ class Balancer:
 
     def __init__(self, balancer="dbmtl", vectorize=None, **hyperparameters):
         _require_torch_backend()
-        from keras_dbmtl import balancing
-
         self.balancer = balancing.resolve(balancer, **hyperparameters)
         self.vectorize = vectorize
         self.task_names = None
@@ -144,8 +145,6 @@ class Balancer:
             features: the shared representation (a tensor or a list of tensors) when `backward` will take
                 `features=`: its shapes, batch axis included.
         """
-        from keras_dbmtl import balancing
-
         names = [f"task{i}" for i in range(tasks)] if isinstance(tasks, int) else [str(t) for t in tasks]
         if not names:
             raise ValueError("build needs at least one task.")
@@ -230,15 +229,7 @@ class Balancer:
     def _losses(self, losses):
         import torch
 
-        if isinstance(losses, collections.abc.Mapping):
-            names, values, keyed = [str(k) for k in losses], list(losses.values()), True
-        elif isinstance(losses, (list, tuple)):
-            names, values, keyed = [f"task{i}" for i in range(len(losses))], list(losses), False
-        else:
-            raise TypeError(f"losses must be a dict {{task: 0-d tensor}} or a list of 0-d tensors, not "
-                            f"{type(losses).__name__}.")
-        if not values:
-            raise ValueError("losses is empty: backward needs one loss per task.")
+        names, values, keyed = balancing.named_losses(losses, "backward")
         for name, value in zip(names, values):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"The loss of task {name!r} is a {type(value).__name__}, not a torch tensor.")
@@ -248,16 +239,9 @@ class Balancer:
             if not value.requires_grad:
                 raise ValueError(f"The loss of task {name!r} does not require grad: it must come from the model's "
                                  "forward pass, outside torch.no_grad().")
+        balancing.check_same_tasks(names, keyed, self.task_names, self._keyed, "backward")
         if self._keyed is None:
             self._keyed = keyed
-        elif keyed != self._keyed:
-            raise TypeError("losses were a " + ("dict" if self._keyed else "list") + " at the first call: keep the "
-                            "same form at every call.")
-        if self.task_names is not None and names != self.task_names:
-            if keyed:
-                raise ValueError(f"The task names changed from {self.task_names} (the first call) to {names}: pass "
-                                 "the same keys, in the same order, at every call.")
-            raise ValueError(f"backward got {len(names)} losses; the first call had {len(self.task_names)}.")
         return names, values
 
     # ------------------------------------------------------------------ the step
@@ -344,8 +328,6 @@ class Balancer:
         return weights
 
     def _prepare(self, names, shapes):
-        from keras_dbmtl import balancing
-
         if not self.balancer.built:
             balancing.build(self.balancer, names, shapes)
             if self.balancer.trainable_variables:
@@ -452,7 +434,6 @@ class Balancer:
         import torch
         from keras.src.backend.torch.core import get_device
 
-        from keras_dbmtl import balancing
         from keras_dbmtl.gradients import torch as backend
 
         transformed = task_losses.transformed
@@ -484,7 +465,6 @@ class Balancer:
         return balanced.task_weights, head_weights
 
     def _loss_level(self, task_losses, shared, task_params):
-        from keras_dbmtl import balancing
         from keras_dbmtl.gradients import torch as backend
 
         combined, weights = balancing.combine(self.balancer, task_losses)
