@@ -1,6 +1,6 @@
 """The quick tier: `bash .ci/test --quick` runs only the tests chosen here, on all three backends, in about three
-minutes on 2 cores (2 min 52 s measured, 190 tests a backend; issue 25 asked for at most five). It is the inner loop of a change; the full suite (`bash .ci/test`) stays the CI
-command. What it covers:
+minutes on 2 cores (2 min 52 s measured, 190 tests a backend; issue 25 asked for at most five). It is the inner
+loop of a change; the full suite (`bash .ci/test`) stays the CI command. What it covers:
 
 - every exactness check of DB-MTL and EW against the paper's equations: the float64 replay of Algorithm 1 and EW
   against plain Keras (`test_training_matches_reference.py`), DB-MTL's row of the scale battery, DB-MTL's and EW's
