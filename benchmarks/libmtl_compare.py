@@ -239,18 +239,12 @@ def dbmtl_on_libmtl():
     return DBMTLOnLibMTL
 
 
-def libmtl_step(side, method, x, y):
-    """(step function, info) for LibMTL's Trainer on the PyG encoder."""
+def libmtl_trainer(weighting, encoder_class, decoders, weight_args):
+    """LibMTL's `Trainer` (HPS, Adam 1e-3, MSE on every QM9 task) on the CPU, in training mode."""
     import torch
-
-    source = import_libmtl()
     from LibMTL import Trainer
     from LibMTL.architecture import HPS
     from LibMTL.loss import AbsLoss
-    from LibMTL.weighting import EW
-
-    torch.manual_seed(0)
-    data, labels = pyg_batch(x, y)
 
     class MSE(AbsLoss):
         def compute_loss(self, pred, gt):
@@ -265,26 +259,22 @@ def libmtl_step(side, method, x, y):
 
     task_dict = {t: {"metrics": ["MAE"], "metrics_fn": None, "loss_fn": MSE(), "weight": [0]}
                  for t in common.QM9_TASKS}
-    if method == "ew":
-        weighting, label = EW, "LibMTL's EW"
-    else:
-        weighting, label = dbmtl_weighting()
-    encoder = pyg_encoder(edge_net_once=side == "libmtl-once")
-    decoders = torch.nn.ModuleDict({t: torch.nn.Linear(paper_size()["out_dim"], 1) for t in common.QM9_TASKS})
-    weight_args = {"DB_beta": 0.9, "DB_beta_sigma": 0.0} if method == "dbmtl" else {}
-    trainer = CPUTrainer(task_dict=task_dict, weighting=weighting, architecture=HPS, encoder_class=encoder,
+    trainer = CPUTrainer(task_dict=task_dict, weighting=weighting, architecture=HPS, encoder_class=encoder_class,
                          decoders=decoders, rep_grad=False, multi_input=False,
                          optim_param={"optim": "adam", "lr": 1e-3}, scheduler_param=None,
                          weight_args=weight_args, arch_args={})
     trainer.model.train()
-    if method == "dbmtl":
+    if weight_args:
         # LibMTL 1.1.5 clears the shared gradients between tasks with encoder.zero_grad(), which on torch >= 2.0
         # sets them to None, and _reset_grad then fails on `param.grad.data`; LibMTL's current source zeroes them
         # in place (zero_grad(set_to_none=False)), which is what this does.
         trainer.model.zero_grad_share_params = lambda: trainer.model.encoder.zero_grad(set_to_none=False)
+    return trainer
 
+
+def libmtl_trainer_step(trainer, data, labels):
+    """The body of `Trainer.train`'s batch loop (the meter's metric update left out), as a step function."""
     def step():
-        # The body of Trainer.train's batch loop (the meter's metric update left out).
         preds = trainer.model(data)
         losses = trainer._compute_loss(preds, labels)
         trainer.optimizer.zero_grad()
@@ -294,8 +284,29 @@ def libmtl_step(side, method, x, y):
             loss._reinit()
         return losses
 
+    return step
+
+
+def libmtl_step(side, method, x, y):
+    """(step function, info) for LibMTL's Trainer on the PyG encoder."""
+    import torch
+
+    source = import_libmtl()
+    from LibMTL.weighting import EW
+
+    torch.manual_seed(0)
+    data, labels = pyg_batch(x, y)
+    if method == "ew":
+        weighting, label = EW, "LibMTL's EW"
+    else:
+        weighting, label = dbmtl_weighting()
+    encoder = pyg_encoder(edge_net_once=side == "libmtl-once")
+    decoders = torch.nn.ModuleDict({t: torch.nn.Linear(paper_size()["out_dim"], 1) for t in common.QM9_TASKS})
+    weight_args = {"DB_beta": 0.9, "DB_beta_sigma": 0.0} if method == "dbmtl" else {}
+    trainer = libmtl_trainer(weighting, encoder, decoders, weight_args)
     encoder_params = sum(p.numel() for p in trainer.model.encoder.parameters())
-    return step, {"weighting": label, "libmtl": source, "num_shared_parameters": encoder_params}
+    return (libmtl_trainer_step(trainer, data, labels),
+            {"weighting": label, "libmtl": source, "num_shared_parameters": encoder_params})
 
 
 TORCHJD_CHUNK = int(os.environ.get("TORCHJD_CHUNK", "1"))

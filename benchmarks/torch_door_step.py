@@ -156,47 +156,13 @@ def libmtl_side():
     from benchmarks import libmtl_compare
 
     source = libmtl_compare.import_libmtl()
-    from LibMTL import Trainer
-    from LibMTL.architecture import HPS
-    from LibMTL.loss import AbsLoss
-
     weighting, label = libmtl_compare.dbmtl_weighting()
     encoder, heads, x, ys = model_and_batch()
     labels = dict(zip(common.QM9_TASKS, ys))
-
-    class MSE(AbsLoss):
-        def compute_loss(self, pred, gt):
-            return torch.nn.functional.mse_loss(pred, gt)
-
-    class CPUTrainer(Trainer):
-        """LibMTL 1.1.5's Trainer fixes the device to cuda:0; here the step runs on the CPU."""
-
-        def _prepare_model(self, *args):
-            self.device = torch.device("cpu")
-            super()._prepare_model(*args)
-
-    task_dict = {t: {"metrics": ["MAE"], "metrics_fn": None, "loss_fn": MSE(), "weight": [0]}
-                 for t in common.QM9_TASKS}
     decoders = torch.nn.ModuleDict(dict(zip(common.QM9_TASKS, heads)))
-    trainer = CPUTrainer(task_dict=task_dict, weighting=weighting, architecture=HPS, encoder_class=lambda: encoder,
-                         decoders=decoders, rep_grad=False, multi_input=False,
-                         optim_param={"optim": "adam", "lr": 1e-3}, scheduler_param=None,
-                         weight_args={"DB_beta": 0.9, "DB_beta_sigma": 0.0}, arch_args={})
-    trainer.model.train()
-    # LibMTL 1.1.5's zero_grad_share_params (encoder.zero_grad()) sets the shared .grad to None on torch >= 2.0 and
-    # _reset_grad then fails; LibMTL's current source zeroes them in place, as libmtl_compare does.
-    trainer.model.zero_grad_share_params = lambda: trainer.model.encoder.zero_grad(set_to_none=False)
-
-    def step():
-        preds = trainer.model(x)
-        losses = trainer._compute_loss(preds, labels)
-        trainer.optimizer.zero_grad()
-        trainer.model.backward(losses, **trainer.kwargs["weight_args"])
-        trainer.optimizer.step()
-        for loss in trainer.meter.losses.values():
-            loss._reinit()
-        return losses
-
+    trainer = libmtl_compare.libmtl_trainer(weighting, lambda: encoder, decoders,
+                                            {"DB_beta": 0.9, "DB_beta_sigma": 0.0})
+    step = libmtl_compare.libmtl_trainer_step(trainer, x, labels)
     return step, trainer.model.encoder, {"code": f"LibMTL Trainer (HPS, TorchMPNN encoder), weighting: {label}",
                                           "libmtl": source}
 

@@ -54,12 +54,14 @@ def resolve(balancer, **kwargs):
                     f"keras_dbmtl.balancers.Balancer object, not {type(balancer).__name__}.")
 
 
-def build(balancer, task_names, shared_shapes):
-    """Sizes the balancer's state for `task_names` and shared variables of `shared_shapes` (once)."""
+def build(balancer, tasks, shared_shapes):
+    """Sizes the balancer's state for `tasks` (the task names, or their number) and shared variables of
+    `shared_shapes` (once)."""
     shapes = [tuple(int(d) for d in shape) for shape in shared_shapes]
+    names = None if isinstance(tasks, int) else list(tasks)
     if not balancer.built:
-        balancer.build(len(task_names), sum(math.prod(shape) for shape in shapes), list(task_names),
-                       shared_shapes=shapes)
+        balancer.build(len(names) if names is not None else tasks, sum(math.prod(shape) for shape in shapes),
+                       names, shared_shapes=shapes)
     return balancer
 
 

@@ -39,7 +39,6 @@ from keras_dbmtl.balancers import registry
 MODES = ("parameters", "representation")
 
 
-
 def amortisable(balancer):
     """Whether `task_gradients_every=k > 1` applies: the class's declaration (`Balancer.amortisable`), or, for an
     undeclared balancer, whether it is a Gramian balancer without learned variables."""

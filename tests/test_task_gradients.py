@@ -156,3 +156,28 @@ def test_schedule_state_is_saved(tmp_path):
     assert schedule.every == 4 and int(keras.ops.convert_to_numpy(schedule.step)) == 6
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(schedule.weights_applied),
                                   keras.ops.convert_to_numpy(model.task_gradient_schedule.weights_applied))
+
+
+def test_an_undeclared_gramian_balancer_gets_what_its_kind_allows():
+    """A user's Gramian balancer that declares nothing: the representation level and amortisation are open to it
+    without learned variables and closed with one (the rule the registered classes' declarations replace)."""
+    from keras_dbmtl import task_gradients as modes
+    from keras_dbmtl.balancers import Aggregation, GramianBalancer
+
+    class Plain(GramianBalancer):
+        def aggregate(self, losses, task_jacobian):
+            return Aggregation(task_weights=keras.ops.ones((self.num_tasks,)))
+
+    class Learned(Plain):
+        def build(self, num_tasks, num_shared_parameters, task_names=None, shared_shapes=None):
+            super().build(num_tasks, num_shared_parameters, task_names, shared_shapes)
+            self.scales = self.add_weight(shape=(num_tasks,), initializer="zeros", trainable=True, name="scales")
+
+    plain, learned = Plain(), Learned()
+    for balancer in (plain, learned):
+        balancer.build(2, 3)
+    modes.check(plain, "representation", 1)
+    modes.check(plain, "parameters", 3)
+    for mode, every in (("representation", 1), ("parameters", 3)):
+        with pytest.raises(ValueError, match="not a Gramian balancer without learned variables"):
+            modes.check(learned, mode, every)

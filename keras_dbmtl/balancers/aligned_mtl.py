@@ -42,6 +42,7 @@ class AlignedMTL(GramianBalancer):
     plain_single_task = True
     permutation_equivariant = True
     amortisable = "weights from the last refresh"
+    representation_level = True
 
     def aggregate(self, losses, task_jacobian):
         return Aggregation(task_weights=aligned_weights(task_jacobian.gramian()))

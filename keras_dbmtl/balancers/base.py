@@ -290,7 +290,6 @@ class GramianBalancer(Balancer):
     """A gradient-level method that reads only the T x T Gramian of the task gradients."""
 
     uses_task_gradients = True
-    representation_level = True
 
     def aggregate(self, losses, task_jacobian):
         """`losses`: `TaskLosses`; `task_jacobian`: `TaskJacobian` (use `gramian()` / `norms()` only). Returns an

@@ -42,6 +42,7 @@ class CAGrad(GramianBalancer):
     plain_single_task = Disclaimed("d = (1 + c) / (1 + c^2) g with the default rescale=1")
     permutation_equivariant = True
     amortisable = "weights from the last refresh"
+    representation_level = True
 
     def __init__(self, c=0.5, rescale=1, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

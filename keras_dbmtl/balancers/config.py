@@ -50,6 +50,7 @@ class ConFIG(GramianBalancer):
     plain_single_task = True
     permutation_equivariant = True
     amortisable = "weights from the last refresh"
+    representation_level = True
 
     def aggregate(self, losses, task_jacobian):
         return Aggregation(task_weights=config_weights(task_jacobian.gramian(), self.eps))

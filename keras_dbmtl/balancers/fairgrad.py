@@ -49,6 +49,7 @@ class FairGrad(GramianBalancer):
     plain_single_task = Disclaimed("weight ||g||^(-2 / (1 + alpha))")
     permutation_equivariant = True
     amortisable = "weights from the last refresh (shared and heads)"
+    representation_level = True
 
     def __init__(self, alpha=1.0, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

@@ -45,6 +45,7 @@ class GradVac(GramianBalancer):
     plain_single_task = True
     permutation_equivariant = Disclaimed("random task order")
     amortisable = "coefficients from the last refresh; targets updated on refresh steps"
+    representation_level = True
 
     def __init__(self, beta=0.01, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

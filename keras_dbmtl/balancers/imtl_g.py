@@ -56,6 +56,7 @@ class IMTLG(GramianBalancer):
     plain_single_task = True
     permutation_equivariant = True
     amortisable = "closed-form weights from the last refresh"
+    representation_level = True
 
     def aggregate(self, losses, task_jacobian):
         return Aggregation(task_weights=imtl_g_weights(task_jacobian.gramian(), self.eps))

@@ -51,6 +51,7 @@ class MGDA(GramianBalancer):
     plain_single_task = True
     permutation_equivariant = True
     amortisable = "min-norm weights from the last refresh (heads too with scale_heads)"
+    representation_level = True
 
     stalls_on_zero_gradient = True
 

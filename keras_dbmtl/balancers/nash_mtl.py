@@ -65,6 +65,7 @@ class NashMTL(GramianBalancer):
         "the update is clipped to max_norm=1 (plain with max_norm=0, tested in test_nash_mtl.py)")
     permutation_equivariant = True
     amortisable = "weights from the last refresh; warm start updated on refresh steps"
+    representation_level = True
 
     def __init__(self, max_norm=1.0, update_weights_every=1, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

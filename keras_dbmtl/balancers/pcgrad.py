@@ -61,6 +61,7 @@ class PCGrad(GramianBalancer):
     plain_single_task = True
     permutation_equivariant = Disclaimed("random task order")
     amortisable = "projection coefficients from the last refresh (random task order drawn on refresh steps)"
+    representation_level = True
 
     def __init__(self, seed=None, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

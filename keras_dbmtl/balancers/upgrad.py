@@ -49,6 +49,7 @@ class UPGrad(GramianBalancer):
     plain_single_task = True
     permutation_equivariant = True
     amortisable = "weights from the last refresh"
+    representation_level = True
 
     def __init__(self, norm_eps=1e-4, reg_eps=1e-4, loss_transform=None, eps=1e-8, **kwargs):
         super().__init__(loss_transform=loss_transform, eps=eps, **kwargs)

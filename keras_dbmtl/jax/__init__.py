@@ -231,10 +231,8 @@ class BalancerTransformation:
                     f"'{type(self.balancer).__name__.lower()}', ...)) or a fresh object.")
             if names is not None and self.balancer.task_names not in (None, names):
                 raise ValueError(f"The balancer object was built for tasks {self.balancer.task_names}, not {names}.")
-        elif names is not None:
-            balancing.build(self.balancer, names, shapes)
         else:
-            self.balancer.build(count, sum(math.prod(s) for s in shapes), None, shared_shapes=shapes)
+            balancing.build(self.balancer, names if names is not None else count, shapes)
         if names is not None and self.balancer.task_names is None:
             self.balancer.task_names = names
         self._variables = list(self.balancer.variables)

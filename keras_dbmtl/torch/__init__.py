@@ -58,6 +58,7 @@ import collections.abc
 import warnings
 
 from keras_dbmtl import balancing
+from keras_dbmtl._utils import unique
 
 __all__ = ["Balancer", "Step"]
 
@@ -75,15 +76,6 @@ def _require_torch_backend():
             "KERAS_BACKEND=torch in the environment before keras (or keras_dbmtl) is first imported "
             "(os.environ['KERAS_BACKEND'] = 'torch' at the top of the script)."
         )
-
-
-def _unique(items):
-    seen, result = set(), []
-    for item in items:
-        if id(item) not in seen:
-            seen.add(id(item))
-            result.append(item)
-    return result
 
 
 def _reached_leaves(roots):
@@ -217,7 +209,7 @@ class Balancer:
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
         try:
-            tensors = _unique(list(tensors))
+            tensors = unique(list(tensors))
         except TypeError:
             raise TypeError(f"{what} must be a tensor or an iterable of tensors (e.g. trunk.parameters()), not "
                             f"{type(tensors).__name__}.") from None
@@ -350,7 +342,7 @@ class Balancer:
             flat = []
             for item in (given if not hasattr(given, "shape") else [given]):
                 flat.extend([item] if hasattr(item, "shape") else list(item))
-            return [t for t in _unique(flat) if id(t) not in shared_ids]
+            return [t for t in unique(flat) if id(t) not in shared_ids]
         if self._split is not None:
             return self._split
         per_task = [_reached_leaves([v]) for v in values]
@@ -469,7 +461,7 @@ class Balancer:
 
         combined, weights = balancing.combine(self.balancer, task_losses)
         learned = self.parameters()
-        everything = _unique(list(shared) + list(task_params) + learned)
+        everything = unique(list(shared) + list(task_params) + learned)
         grads = self._grad(combined, everything)
         grads = backend._replica_mean_list(grads)
         self._accumulate(everything, grads)
