@@ -1,23 +1,12 @@
 """examples/functional_model.py in its reduced mode: a functional CTR/CVR model trained through from_model."""
 
-import importlib.util
-import os
-
 import numpy as np
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                       "functional_model.py")
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("functional_model_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.examples import load_example
 
 
 def test_quick_run_reads_the_split_from_the_graph_and_trains():
-    example = load_example()
+    example = load_example("functional_model")
     x, y = example.make_data(2048, seed=1)
     assert 20.0 < float(np.std(y["dwell"])) < 45.0 and 0.2 < float(np.mean(y["click"])) < 0.8
     result = example.main(["--quick"])

@@ -1,27 +1,17 @@
 """examples/jax_optax_loop.py in its quick mode: DB-MTL through door 2 (keras_dbmtl.jax) with optax and lax.scan."""
 
-import importlib.util
-import os
-
 import keras
 import numpy as np
 import pytest
 
+from tests.examples import load_example
+
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="door 2: the JAX backend only")
-
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "jax_optax_loop.py")
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("jax_optax_loop_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_trains_both_tasks():
     pytest.importorskip("optax")
-    example = load_example()
+    example = load_example("jax_optax_loop")
     result = example.main(["--quick"])["dbmtl"]
     losses = np.array(result["history"]["loss"])                     # (epochs, tasks)
     weights = np.array(result["history"]["weights"])

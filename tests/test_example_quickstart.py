@@ -6,30 +6,20 @@ is learned; under DB-MTL both tasks are learned. Thresholds sit far from both si
 means: EW small ~1.06, DB-MTL small ~0.04, both large tasks < 0.1).
 """
 
-import importlib.util
-import os
-
 import numpy as np
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "quickstart.py")
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("quickstart_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.examples import load_example
 
 
 def test_the_two_tasks_losses_differ_by_ten_thousand():
-    example = load_example()
+    example = load_example("quickstart")
     _, y = example.make_data(2048, seed=0)
     ratio = np.var(y["large"]) / np.var(y["small"])          # the MSE of predicting the mean, per task
     assert 0.5e4 < ratio < 2e4
 
 
 def test_equal_weighting_starves_the_small_task_and_dbmtl_does_not(capsys):
-    example = load_example()
+    example = load_example("quickstart")
     final = example.main(seeds=(0,))
     ew, dbmtl = final["ew"], final["dbmtl"]
     assert ew["large"][0] < 0.2 and ew["small"][0] > 0.8           # EW: the large task only

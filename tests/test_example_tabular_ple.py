@@ -1,25 +1,17 @@
 """examples/tabular_ple.py in its reduced mode: PLE + DB-MTL + TaskBalanceMonitor, figures written."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from tests.examples import load_example
+
 pytest.importorskip("matplotlib")
-
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tabular_ple.py")
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("tabular_ple_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_writes_the_figures(tmp_path):
-    example = load_example()
+    example = load_example("tabular_ple")
     x, y = example.make_data(4096, seed=1)
     # the two targets' losses differ by about 1e5 at the start (MSE of dollars vs. a cross-entropy)
     assert 200.0 < float(np.std(y["spend"])) < 500.0 and 0.2 < float(np.mean(y["churn"])) < 0.6

@@ -1,20 +1,15 @@
 """examples/torch_loop.py, small: door 3 (`keras_dbmtl.torch.Balancer.backward`) in a plain PyTorch loop learns
 the task with the small loss that the plain sum's `.backward()` starves (torch backend only)."""
 
-import importlib.util
-import os
-
 import keras
 import pytest
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "torch_loop.py")
+from tests.examples import load_example
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="door 3: the torch backend only")
 def test_dbmtl_learns_the_small_task_that_the_sum_starves(capsys):
-    spec = importlib.util.spec_from_file_location("torch_loop_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("torch_loop")
     import torch
 
     threads = torch.get_num_threads()
