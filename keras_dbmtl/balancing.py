@@ -37,8 +37,10 @@ from keras_dbmtl.balancers import registry
 
 #: The balanced step: `shared`, one direction per shared variable (the shapes of the Jacobian's blocks);
 #: `heads`, for each task, its own gradients times its head weight; `task_weights` (T,) to log; `head_weights`
-#: (T,) or None (all ones); `jacobian`, the step's `TaskJacobian`.
-Balanced = collections.namedtuple("Balanced", ["shared", "heads", "task_weights", "head_weights", "jacobian"])
+#: (T,) or None (all ones); `jacobian`, the step's `TaskJacobian`; `unowned`, for each of `unowned_blocks`,
+#: sum_t h_t row_t (empty without).
+Balanced = collections.namedtuple("Balanced", ["shared", "heads", "task_weights", "head_weights", "jacobian",
+                                               "unowned"], defaults=((),))
 
 
 def resolve(balancer, **kwargs):
@@ -75,7 +77,8 @@ def split_flat(flat, shapes):
     return pieces
 
 
-def balance(balancer, losses, shared_blocks, task_gradients=None, labelled=None, gradient_statistics=None):
+def balance(balancer, losses, shared_blocks, task_gradients=None, labelled=None, gradient_statistics=None,
+            unowned_blocks=None):
     """The gradient-level balance of one step.
 
     Args:
@@ -85,6 +88,8 @@ def balance(balancer, losses, shared_blocks, task_gradients=None, labelled=None,
         task_gradients: for each task, the gradients of its transformed loss on its own variables (or None).
         labelled: None, or (T,) bool: False for a task without labels in this batch (`TaskJacobian.labelled`).
         gradient_statistics: a `keras_dbmtl.metrics.GradientStatistics` to update with the Gramian, or None.
+        unowned_blocks: (T, *shape) blocks of non-shared variables whose task is unknown (a subclassed model's):
+            each gets sum_t h_t row_t, its own task's gradient times the head weight when one task reaches it.
 
     Returns:
         `Balanced`: the shared direction `d = w^T J` (or the balancer's own flat direction, split per variable)
@@ -102,7 +107,11 @@ def balance(balancer, losses, shared_blocks, task_gradients=None, labelled=None,
     heads = [list(group) for group in (task_gradients or [[] for _ in range(num_tasks)])]
     if aggregation.head_weights is not None:
         heads = [[g * ops.cast(aggregation.head_weights[t], g.dtype) for g in group] for t, group in enumerate(heads)]
-    return Balanced(shared, heads, aggregation.task_weights, aggregation.head_weights, jacobian)
+    unowned = []
+    if unowned_blocks:
+        weights = ops.ones((num_tasks,), "float32") if aggregation.head_weights is None else aggregation.head_weights
+        unowned = [ops.tensordot(ops.cast(weights, block.dtype), block, axes=1) for block in unowned_blocks]
+    return Balanced(shared, heads, aggregation.task_weights, aggregation.head_weights, jacobian, unowned)
 
 
 def combine(balancer, losses):

@@ -35,9 +35,11 @@ Split = collections.namedtuple("Split", ["shared", "task", "users"])
 
 NO_GRAPH = (
     "{what} has no functional graph (it is a subclassed keras.Model, whose call() Keras does not record), so "
-    "which task uses which variable cannot be read from it. Build it functionally (keras.Model(inputs, "
-    "{{task: output}})) and pass it again, or use keras_dbmtl.MultiTaskModel(encoder=..., heads=...) (with "
-    "task_layers= for task-only layers inside the encoder)."
+    "which task uses which variable cannot be read from it. Pass the variables to balance, "
+    "MultiTaskModel.from_model(model, shared_variables=model.trunk.trainable_variables) (every other variable is "
+    "then updated from the losses of the tasks that reach it); or build it functionally (keras.Model(inputs, "
+    "{{task: output}})); or use keras_dbmtl.MultiTaskModel(encoder=..., heads=...) (with task_layers= for "
+    "task-only layers inside the encoder)."
 )
 
 
@@ -353,3 +355,55 @@ def resolve_variables(model, entries):
         else:
             raise ValueError(f"shared_variables entries must be variables of the model; received {entry!r}.")
     return result
+
+
+# ---------------------------------------------------------------------- subclassed models (no graph)
+def subclassed_task_names(model, task_names=None):
+    """The task names of a subclassed `model` whose call returns a dict {task: output}: `task_names` as given, or
+    the keys of its output on one symbolic call (the model must have been called or built, so that its input
+    shape is known)."""
+    if task_names is not None:
+        names = list(task_names)
+    else:
+        shapes = getattr(model, "_build_shapes_dict", None)
+        if not model.built or not shapes:
+            raise ValueError(
+                f"The subclassed model {model.name!r} has not been called yet, so its task names (the keys of "
+                "its output dict) are unknown: call it once on a batch (or model.build(input_shape)) first, or "
+                "pass task_names=[...]."
+            )
+        (shape,) = shapes.values() if len(shapes) == 1 else (None,)
+        if shape is None:
+            raise ValueError(f"The subclassed model {model.name!r} was built with several arguments "
+                             f"({sorted(shapes)}): pass task_names=[...].")
+        spec = keras.tree.map_shape_structure(lambda s: keras.KerasTensor(tuple(s)), shape)
+        outputs = model.compute_output_spec(spec)
+        if not isinstance(outputs, dict):
+            raise ValueError(f"The subclassed model {model.name!r} returns {type(outputs).__name__}; a multi-task "
+                             "model's call must return a dict {task: output}.")
+        names = list(outputs)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Task names must be non-empty strings; received {name!r}.")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"A multi-task model needs two distinct task names or more; received {names}.")
+    return names
+
+
+def check_subclassed_shared(model, shared_variables):
+    """`shared_variables` as trainable variables of the subclassed `model` (in the model's order), or a ValueError
+    naming the fix."""
+    names = lambda variables: [getattr(v, "path", repr(v)) for v in variables]  # noqa: E731
+    if not shared_variables:
+        raise ValueError("shared_variables=[] names no variable: a subclassed model needs the variables to balance "
+                         "(e.g. model.trunk.trainable_variables).")
+    trainable = {id(v) for v in model.trainable_variables}
+    foreign = [v for v in shared_variables if id(v) not in trainable]
+    if foreign:
+        raise ValueError(
+            f"shared_variables has entries that are not trainable variables of model {model.name!r}: "
+            f"{names(foreign)}. Pass variables of the model (e.g. model.trunk.trainable_variables), after the "
+            "model has been called once."
+        )
+    given = {id(v) for v in shared_variables}
+    return [v for v in model.trainable_variables if id(v) in given]

@@ -21,16 +21,10 @@ model = keras_dbmtl.MultiTaskModel(inputs=inputs, outputs={"a": keras.layers.Den
 model = keras_dbmtl.MultiTaskModel.from_model(existing_functional_model)      # dict or named list outputs
 ```
 
-One training step, written once with `keras.ops` for every backend, as named stages (`_balanced_train_step`):
-
-    batch -> forward (once) and task losses, raw and transformed      _forward_stage
-          -> task gradients (global batch; keras_dbmtl.gradients)       _task_gradients_stage
-          -> balance (the balancer: weights, direction)                 _balance_stage
-          -> apply (one optimizer update of shared, task-specific       _apply_stage (+ _metrics_stage)
-             and balancer variables)
+The training step and its stages live in `keras_dbmtl.train_step`; this module keeps construction, variables,
+compile and saving.
 """
 
-import collections
 import os
 import re
 import shutil
@@ -40,7 +34,6 @@ import weakref
 import keras
 from keras import ops
 from keras.src.losses.losses import LossFunctionWrapper
-from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import tracking
 
 from keras_dbmtl import _input_checks as input_checks
@@ -52,182 +45,10 @@ from keras_dbmtl import export as mtl_export
 from keras_dbmtl import functional
 from keras_dbmtl import gradients as gradient_backends
 from keras_dbmtl import task_gradients as task_gradient_modes
+from keras_dbmtl import train_step as balanced_step
 from keras_dbmtl._utils import is_dict as _is_dict
 from keras_dbmtl._utils import unique
 from keras_dbmtl.balancers import registry
-
-SKIPPED_STEPS_KEY = mtl_callbacks.SKIPPED_STEPS_KEY
-#: A raw task loss from which a skipped step with finite losses is blamed on it (its gradient's square, in Adam's
-#: second moment, can pass float32's 3.4e38).
-OVERFLOW_SUSPECT_LOSS = 1e16
-
-# ---------------------------------------------------------------------- the records the stages pass on
-#: The training batch, unpacked.
-_Batch = collections.namedtuple("_Batch", ["x", "y", "sample_weight"])
-#: The step's variables, in the order of every gradient list: shared, then each task's own, then the balancer's.
-_Variables = collections.namedtuple("_Variables", ["shared", "task_groups", "extra", "all"])
-#: The forward stage's output: predictions, `TaskLosses` (raw, transformed; global batch), regularisation loss.
-#: A named tuple, so that it leaves `jax.vjp` as auxiliary output.
-_Forward = collections.namedtuple("_Forward", ["y_pred", "losses", "regularization"])
-#: The balance stage's output: one gradient per step variable, the task weights to log, the step's TaskJacobian.
-#: With `task_gradients_every > 1`, also the head weights applied and whether the step refreshed the Jacobian.
-_Update = collections.namedtuple("_Update", ["gradients", "task_weights", "jacobian", "head_weights", "refresh"],
-                                 defaults=(None, None))
-
-
-class _Gradients:
-    """The task-gradients stage's output (global batch, unscaled).
-
-    Loss level: `combined`, the gradient of the balancer's combined loss for every step variable, and the
-    balancer's `weights`. Per task: the Jacobian `blocks` of the shared variables ((T, *shape) each), each task's
-    own gradients `own`, the balancer's variables' gradients `extra` and the `regularization` gradients (None
-    entries without a regularisation loss).
-    """
-
-    def __init__(self, forward, combined=None, weights=None, blocks=None, own=None, extra=(), regularization=(),
-                 refresh=None, combined_shared=None):
-        self.forward, self.combined, self.weights = forward, combined, weights
-        self.blocks, self.own, self.extra, self.regularization = blocks, own, list(extra), list(regularization)
-        # task_gradients_every > 1: whether this step computed `blocks`, else the shared gradient of the weighted
-        # sum of the losses (`combined_shared`); keras_dbmtl.task_gradients.
-        self.refresh, self.combined_shared = refresh, combined_shared
-        # task_gradients="representation": `blocks` is the Jacobian of the encoder's output z, and
-        # `to_shared(directions)` maps the balanced direction over z to the shared variables' gradients.
-        self.to_shared = None
-
-    def tensors(self):
-        """Every gradient tensor of the step."""
-        groups = [self.combined or [], self.blocks or [], *(self.own or []), self.extra, self.regularization,
-                  self.combined_shared or []]
-        return [g for group in groups for g in group if g is not None]
-
-    def map(self, fn):
-        """The same record with `fn` applied to every gradient tensor."""
-        def each(values):
-            return None if values is None else [None if g is None else fn(g) for g in values]
-
-        own = None if self.own is None else [each(group) for group in self.own]
-        result = _Gradients(self.forward, each(self.combined), self.weights, each(self.blocks), own,
-                            each(self.extra), each(self.regularization), self.refresh, each(self.combined_shared))
-        result.to_shared = self.to_shared
-        return result
-
-
-# ---------------------------------------------------------------------- wrappers around the stages
-class _LossScaling:
-    """mixed_float16 with a `keras.optimizers.LossScaleOptimizer`: the differentiated losses are scaled with the
-    optimizer's own `scale_loss`, the gradients unscaled before the balancer (which sees the true gradients), the
-    inner optimizer applies the update, and the scale follows the optimizer's rule once per step. Without a
-    LossScaleOptimizer every method is the identity."""
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-        self.active = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.inner_optimizer = optimizer.inner_optimizer if self.active else optimizer
-
-    def scale(self, value):
-        if not self.active or isinstance(value, float):
-            return value
-        return self.optimizer.scale_loss(value)
-
-    def unscale(self, gradient):
-        if not self.active:
-            return gradient
-        return ops.cast(gradient, "float32") / ops.cast(self.optimizer.dynamic_scale, "float32")
-
-    def update(self, finite):
-        """Keras' LossScaleOptimizer rule: halve the scale on a skipped step, double it after
-        `dynamic_growth_steps` applied steps in a row. Written with selects: the optimizer's own `apply` branches
-        with `ops.cond` around its variable updates, a host round trip on torch that the select path avoids."""
-        if not self.active:
-            return
-        optimizer = self.optimizer
-        counter, scale = optimizer.step_counter.value, optimizer.dynamic_scale.value
-        grow = ops.logical_and(finite, ops.equal(counter, optimizer.dynamic_growth_steps - 1))
-        new_scale = ops.where(finite, ops.where(grow, scale * 2.0, scale), scale * 0.5)
-        new_counter = ops.where(ops.logical_and(finite, ops.logical_not(grow)), counter + 1, 0)
-        optimizer.dynamic_scale.assign(ops.cast(new_scale, optimizer.dynamic_scale.dtype))
-        optimizer.step_counter.assign(ops.cast(new_counter, optimizer.step_counter.dtype))
-
-
-class _SelectSkip:
-    """The skip of an unusable step on JAX, torch and tf.distribute: the step runs, then every variable it may
-    change keeps its previous value where the step is not usable (a select: no branch, so no host round trip on
-    torch; the previous values cost nothing on JAX, where XLA fuses the select)."""
-
-    sanitizes = True
-
-    def __init__(self, variables, skip_tracker, updated_variables=()):
-        self.variables, self.skip_tracker = variables, skip_tracker
-        self.previous = gradient_backends.snapshot(variables)       # before the forward pass
-        self.updated_variables = list(updated_variables)
-
-    def run(self, finite, apply, step_logs):
-        apply(mask=finite)
-        # Finite gradients can still make a non-finite update (Adam's second moment of a gradient beyond ~1e19
-        # overflows float32): the weights and optimizer state it wrote are checked too, one reduction each.
-        applied = ops.logical_and(finite, _all_finite(self.updated_variables))
-        gradient_backends.keep_where(applied, self.variables, self.previous)
-        self.skip_tracker.update_state(1.0 - ops.cast(applied, "float32"))
-        return step_logs(applied)
-
-
-class _BranchSkip:
-    """The skip of an unusable step on TensorFlow (one replica): the balance and apply stages run under `tf.cond`;
-    only what the forward pass changed before the check (batch-norm statistics, seeds, a loss-level balancer's
-    state) is copied, and restored on the skipped branch."""
-
-    def __init__(self, variables, skip_tracker, metric_logs, updated_variables=()):
-        self.variables, self.skip_tracker, self.metric_logs = variables, skip_tracker, metric_logs
-        self.previous = [ops.copy(v.value) for v in variables]     # before the forward pass
-        self.updated_variables = list(updated_variables)
-
-    def run(self, finite, apply, step_logs):
-        def applied():
-            # Finite gradients can still make a non-finite update (Adam's second moment of a gradient beyond
-            # ~1e19 overflows float32): the variables the update writes are copied in this branch and restored.
-            saved = [ops.copy(v.value) for v in self.updated_variables]
-            apply(mask=None)
-
-            def unusable_update():
-                for v, old in zip(self.updated_variables + self.variables, saved + self.previous):
-                    v.assign(old)
-                self.skip_tracker.update_state(1.0)
-                return step_logs(ops.convert_to_tensor(False))
-
-            return ops.cond(_all_finite(self.updated_variables), self.metric_logs, unusable_update)
-
-        def skipped():
-            for v, old in zip(self.variables, self.previous):
-                v.assign(old)
-            self.skip_tracker.update_state(1.0)
-            return step_logs()
-
-        return ops.cond(finite, applied, skipped)
-
-
-def _all_finite(variables):
-    """Whether every floating-point variable holds only finite values (a scalar bool)."""
-    values = [v.value for v in variables if "float" in keras.backend.standardize_dtype(v.dtype)]
-    return gradient_backends.all_finite(values) if values else ops.convert_to_tensor(True)
-
-
-def _metric_updater(mask):
-    """`update(tracker, value)`: a Mean's update_state, or, with `mask`, one that counts the step only where
-    `mask` (the select path runs the metrics stage on skipped steps too)."""
-    if mask is None:
-        def add(tracker, value):        # Mean.update_state of a scalar, without its per-call conversions
-            tracker.total.assign_add(ops.cast(value, tracker.total.dtype))
-            tracker.count.assign_add(ops.cast(1, tracker.count.dtype))
-
-        return add
-    applied = ops.cast(mask, "float32")
-
-    def update(tracker, value):
-        tracker.total.assign_add(ops.where(mask, ops.cast(value, tracker.total.dtype), 0.0))
-        tracker.count.assign_add(ops.cast(applied, tracker.count.dtype))
-
-    return update
 
 
 def _keras_name(text):
@@ -239,10 +60,13 @@ def _keras_name(text):
 class _GraphState:
     """The functional form's reading of its graph: `split` (`keras_dbmtl.functional.Split`), `shared_config`
     (the constructor's `shared_variables` as saved), `representation` (a layer name or None) and `parts` (encode,
-    decode, bypass; made on first use). A plain object: nothing in it is tracked or saved as state."""
+    decode, bypass; made on first use). `subclassed`: the network is a subclassed model (no graph), whose split
+    is the given shared variables, resolved once they exist. A plain object: nothing in it is tracked or saved as
+    state."""
 
-    def __init__(self, split, shared_config, representation):
+    def __init__(self, split, shared_config, representation, subclassed=False):
         self.split, self.shared_config, self.representation, self.parts = split, shared_config, representation, None
+        self.subclassed = subclassed
 
 
 @keras.saving.register_keras_serializable(package="keras_dbmtl")
@@ -254,6 +78,9 @@ class MultiTaskModel(keras.Model):
 
     - `MultiTaskModel(encoder, heads, task_layers=None, per_task_inputs=False)`: the encoder's output goes to
       every head; the encoder's trainable variables are the shared ones.
+    - `MultiTaskModel.from_model(subclassed_model, shared_variables=[...])`: a subclassed model returning a dict
+      {task: output}; the variables given are the shared ones, every other trainable variable is updated from the
+      losses of the tasks that reach it (the sum of their gradients, each times its head weight).
     - `MultiTaskModel(inputs=..., outputs={task: tensor})`, as `keras.Model` takes them, or
       `MultiTaskModel.from_model(model)`: the functional graph says which task output depends on which layer
       (`keras_dbmtl.functional`). The trainable variables of layers that two task outputs or more depend on are
@@ -279,6 +106,10 @@ class MultiTaskModel(keras.Model):
         representation: the functional form, for `compile(task_gradients="representation")`: the name of the
             layer whose output is the shared representation z (or a tensor of the graph). By default, the
             deepest tensor through which every shared variable reaches the task outputs.
+        network: a subclassed `keras.Model` whose call returns a dict {task: output}, with `shared_variables=`
+            (required: there is no graph to read them from); `from_model` passes it.
+        task_names: with `network=`: the keys of its output dict, when the network has not been called yet (a
+            built network is called once symbolically to read them).
 
     Attributes:
         network: the functional form's functional model (dict outputs), whose layers are the model's; None with
@@ -287,13 +118,22 @@ class MultiTaskModel(keras.Model):
     """
 
     def __init__(self, encoder=None, heads=None, task_layers=None, per_task_inputs=False, *, inputs=None,
-                 outputs=None, shared_variables=None, representation=None, **kwargs):
+                 outputs=None, shared_variables=None, representation=None, network=None, task_names=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.network = None
         self.balancer = None
         self._task_losses_fns = None
         self._loss_weights_vector = None
         self._vectorize = None
+        if network is not None:
+            self._init_subclassed(network, shared_variables, representation, task_names,
+                                  {"encoder": encoder, "heads": heads, "task_layers": task_layers,
+                                   "per_task_inputs": per_task_inputs, "inputs": inputs, "outputs": outputs})
+            return
+        if task_names is not None:
+            raise ValueError("task_names= applies to MultiTaskModel(network=subclassed_model, ...) only; the other "
+                             "forms read the task names from the heads or the outputs.")
         if inputs is not None or outputs is not None:
             self._init_functional(inputs, outputs, shared_variables, representation,
                                   {"encoder": encoder, "heads": heads, "task_layers": task_layers,
@@ -352,13 +192,59 @@ class MultiTaskModel(keras.Model):
         if representation is not None:
             functional.shared_representation(network, self._graph.split.shared, self._graph.representation)
 
+    def _init_subclassed(self, network, shared_variables, representation, task_names, others):
+        """The subclassed form: `self.network` (a model whose call returns {task: output}), the shared variables
+        as given (references, resolved once the network has variables) and the task names."""
+        given = sorted(name for name, value in others.items() if value)
+        if given:
+            raise ValueError(f"MultiTaskModel(network=...) takes no {given}: the network is the whole model.")
+        if not isinstance(network, keras.Model):
+            raise ValueError(f"network must be a keras.Model; received {type(network).__name__}.")
+        if shared_variables is None:
+            raise ValueError(functional.NO_GRAPH.format(what=f"The model {network.name!r}"))
+        if representation is not None:
+            raise ValueError("representation= needs a functional graph to find the representation in; a subclassed "
+                             "model supports task_gradients='parameters' only.")
+        self.network = network
+        self.task_names = functional.subclassed_task_names(network, task_names)
+        self.encoder, self.heads, self.task_layers, self.per_task_inputs = None, None, {}, False
+        resolved = None
+        if all(isinstance(entry, keras.Variable) for entry in shared_variables):
+            resolved = functional.check_subclassed_shared(network, list(shared_variables))
+            config = functional.variable_references(network, resolved)
+        else:
+            config = list(shared_variables)           # references, from a saved config: resolved once built
+        split = None if resolved is None else functional.Split(resolved, {t: [] for t in self.task_names}, {})
+        object.__setattr__(self, "_graph", _GraphState(split=split, shared_config=config, representation=None,
+                                                       subclassed=True))
+
+    def _subclassed_split(self):
+        """The subclassed form's split, resolving the saved references once the network's variables exist."""
+        graph = self._graph
+        if graph.split is None:
+            shared = functional.resolve_variables(self.network, graph.shared_config)
+            shared = functional.check_subclassed_shared(self.network, shared)
+            graph.split = functional.Split(shared, {t: [] for t in self.task_names}, {})
+        return graph.split
+
     @classmethod
-    def from_model(cls, model, shared_variables=None, representation=None, **kwargs):
-        """A MultiTaskModel over an existing functional Keras model with one output per task (dict outputs, or
-        list outputs named by their layers, `model.output_names`). It uses `model`'s layers, so training it trains
-        `model`'s weights; it runs `model`'s graph (a Functional subclass's own `call()` is not used). `shared_variables`, `representation` and `**kwargs` (e.g. `name`) as in the
-        constructor. A subclassed model has no graph to read: build it functionally, or use
-        `MultiTaskModel(encoder=..., heads=...)`."""
+    def from_model(cls, model, shared_variables=None, representation=None, task_names=None, **kwargs):
+        """A MultiTaskModel over an existing Keras model with one output per task. It uses `model`'s layers, so
+        training it trains `model`'s weights.
+
+        A functional model (dict outputs, or list outputs named by their layers, `model.output_names`): its graph
+        gives the split (a Functional subclass's own `call()` is not used). A subclassed model (its call returns a
+        dict {task: output}) has no graph: `shared_variables=` is required, and every other trainable variable
+        gets the gradient sum_t h_t grad l_t over the tasks whose loss reaches it (h_t the method's head weight,
+        1 for most), which is its own task's gradient for a variable one task uses; `task_names=` when the model
+        has not been called yet. `shared_variables`, `representation` and `**kwargs` (e.g. `name`) as in the
+        constructor."""
+        if isinstance(model, keras.Model) and not isinstance(model, keras.Sequential) and (
+                not functional.is_functional(model)):
+            return cls(network=model, shared_variables=shared_variables, representation=representation,
+                       task_names=task_names, **kwargs)
+        if task_names is not None:
+            raise ValueError("task_names= applies to a subclassed model; a functional model's outputs name its tasks.")
         outputs = functional.task_outputs(model)
         return cls(inputs=model._inputs_struct, outputs=outputs, shared_variables=shared_variables,
                    representation=representation, **kwargs)
@@ -400,6 +286,10 @@ class MultiTaskModel(keras.Model):
     def call(self, inputs, training=None):
         if self.network is not None:
             outputs = self.network(inputs, training=training)
+            if self._graph.subclassed and (not _is_dict(outputs) or set(outputs) != set(self.task_names)):
+                got = sorted(outputs) if _is_dict(outputs) else type(outputs).__name__
+                raise ValueError(f"The network {self.network.name!r} must return a dict with one output per task "
+                                 f"{self.task_names}; it returned {got}.")
             return {task: outputs[task] for task in self.task_names}
         if self.per_task_inputs:
             input_checks.check_per_task_inputs(inputs, self.task_names, input_checks.describe)
@@ -443,6 +333,8 @@ class MultiTaskModel(keras.Model):
     def task_variables(self):
         """dict task -> trainable variables used by that task only (its head, plus its `task_layers`; in the
         functional form, those of the layers only that task's output depends on)."""
+        if self.network is not None and self._graph.subclassed:
+            return {task: [] for task in self.task_names}
         if self.network is not None:
             return {task: list(self._graph.split.task[task]) for task in self.task_names}
         layers_by_task = self._task_layer_objects()
@@ -457,10 +349,20 @@ class MultiTaskModel(keras.Model):
     def shared_variables(self):
         """The encoder's trainable variables that no task owns: theta in the paper. In the functional form, those
         of the layers that two task outputs or more depend on (or the constructor's `shared_variables`)."""
+        if self.network is not None and self._graph.subclassed:
+            return list(self._subclassed_split().shared)
         if self.network is not None:
             return list(self._graph.split.shared)
         owned = {id(v) for variables in self.task_variables().values() for v in variables}
         return [v for v in self.encoder.trainable_variables if id(v) not in owned]
+
+    def unowned_variables(self):
+        """The subclassed form's trainable variables outside `shared_variables` (no graph says which task uses
+        them): each gets sum_t h_t grad l_t over the tasks whose loss reaches it. Empty in the other forms."""
+        if self.network is None or not self._graph.subclassed:
+            return []
+        shared = {id(v) for v in self.shared_variables()}
+        return [v for v in self.network.trainable_variables if id(v) not in shared]
 
     # ------------------------------------------------------------------ compile
     def compile(
@@ -506,6 +408,13 @@ class MultiTaskModel(keras.Model):
         balancer_obj = self._balancer_of_this_model(registry.get(balancer))
         task_gradient_modes.check(balancer_obj, task_gradients, task_gradients_every,
                                   self if self.network is None else None)
+        if self.network is not None and self._graph.subclassed and (
+                task_gradients == "representation" or task_gradients_every > 1):
+            raise ValueError(
+                "A subclassed model supports task_gradients='parameters' with task_gradients_every=1 only: the "
+                "representation level needs a graph to find the representation in, and amortised steps need each "
+                "non-shared variable's task. Build the model functionally for them."
+            )
         if self.network is not None and task_gradients == "representation":
             self._functional_parts()            # a representation exists, or a ValueError naming the fix
         self._task_losses_fns = self._task_loss_functions(loss)
@@ -524,7 +433,7 @@ class MultiTaskModel(keras.Model):
             }
             # `<task>_steps`: the applied steps of the epoch in which the task's raw loss was nonzero and finite.
             self._task_trackers["steps"] = _trackers.TaskSums(self.task_names, "steps")
-            self._skip_tracker = keras.metrics.Sum(name=SKIPPED_STEPS_KEY)
+            self._skip_tracker = keras.metrics.Sum(name=mtl_callbacks.SKIPPED_STEPS_KEY)
             self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
                 optimizer=optimizer, loss=loss, metrics=metrics, loss_weights=loss_weights, balancer=balancer_obj,
                 vectorize_jacobian=vectorize_jacobian,
@@ -727,252 +636,6 @@ class MultiTaskModel(keras.Model):
             metrics += list(self.gradient_statistics.variables)
         return unique(list(self.variables) + list(inner_optimizer.variables) + metrics)
 
-    # ------------------------------------------------------------------ the train step and its stages
-    def _balanced_train_step(self, data):
-        """forward and task losses -> task gradients -> balance -> apply (+ metrics).
-
-        Wrappers, not branches: `_LossScaling` scales what is differentiated and unscales the gradients; the skip
-        strategy (`_SelectSkip` or `_BranchSkip`) runs the balance and apply stages so that an unusable step
-        changes nothing; data parallelism lives in the backend primitives (global losses, all-reduced gradients).
-        """
-        batch, variables = self._prepare_step(data)
-        scaling = _LossScaling(self.optimizer)
-        skip = self._skip_strategy(scaling.inner_optimizer)
-        grads = self._task_gradients_stage(batch, variables, scaling)
-        finite, invalid = self._usable(grads)
-
-        def apply(mask):
-            update = self._scheduled_balance_stage(grads, mask)
-            self._apply_stage(update, batch, grads.forward, variables, scaling.inner_optimizer)
-            self._metrics_stage(batch, grads.forward, update, mask)
-
-        raw = grads.forward.losses.raw
-        logs = skip.run(finite, apply, lambda ok=finite: self._step_logs(ok, invalid, scaling.active, raw))
-        scaling.update(finite)
-        return logs
-
-    def _prepare_step(self, data):
-        """The unpacked batch and the step's variables; builds what TensorFlow defers to the first trace."""
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        self._check_targets(y)
-        if not self.built or (self.balancer is not None and not self.balancer.built):
-            self._symbolic_build(data_batch=data)
-            self._check_targets(y)                              # again, now against the heads' output shapes
-        if not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
-        task_variables = self.task_variables()
-        groups = [task_variables[t] for t in self.task_names]
-        shared, extra = self.shared_variables(), list(self.balancer.trainable_variables)
-        flat = shared + [v for group in groups for v in group] + extra
-        return _Batch(x, y, sample_weight), _Variables(shared, groups, extra, flat)
-
-    def _skip_strategy(self, inner_optimizer):
-        if gradient_backends.skips_by_branch():
-            return _BranchSkip(self._forward_state_variables(), self._skip_tracker, self._metric_logs,
-                               unique(self.trainable_variables + list(inner_optimizer.variables)))
-        return _SelectSkip(self._guarded_variables(inner_optimizer), self._skip_tracker,
-                           unique(self.trainable_variables + list(inner_optimizer.variables)))
-
-    def _forward_stage(self, batch):
-        """One forward pass: predictions, the task losses (float32 under any policy; on several replicas the
-        global batch's values, keras_dbmtl.gradients) raw and transformed, and the regularisation loss."""
-        y_pred = self(batch.x, training=True)
-        raw = gradient_backends.global_losses(self._task_losses(batch.y, y_pred, batch.sample_weight))
-        return _Forward(y_pred, self.balancer.task_losses(raw), self._regularization_loss())
-
-    def _task_gradients_stage(self, batch, variables, scaling):
-        """The forward stage, differentiated: per-task gradients for a gradient-level balancer, one gradient of
-        the combined loss for a loss-level one. Gradients of the global batch, unscaled."""
-        if self.balancer.uses_task_gradients and getattr(self, "_task_gradients", None) == "representation":
-            grads = self._representation_gradients(batch, variables, scaling)
-        elif self.balancer.uses_task_gradients:
-            grads = self._per_task_gradients(batch, variables, scaling)
-        else:
-            grads = self._combined_gradients(batch, variables, scaling)
-        return grads.map(scaling.unscale)
-
-    def _per_task_gradients(self, batch, variables, scaling):
-        """The T x P Jacobian of the shared variables, or with `task_gradients_every=k > 1` (between refresh steps)
-        the shared gradient of sum_t w_t transformed_loss_t with the last refresh's weights instead."""
-        def differentiated():
-            forward = self._forward_stage(batch)
-            return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
-
-        schedule = getattr(self, "task_gradient_schedule", None)
-        amortise = None if schedule is None else (schedule.refresh(), ops.convert_to_tensor(schedule.weights_applied))
-        result = gradient_backends.task_gradients(
-            differentiated, variables.shared, variables.task_groups, variables.extra, self._vectorize, amortise
-        )
-        return _Gradients(result.aux, blocks=result.shared_blocks, own=result.task_gradients,
-                          extra=result.extra_gradients, regularization=result.regularization_gradients,
-                          refresh=None if amortise is None else amortise[0], combined_shared=result.combined_shared)
-
-    def _representation_gradients(self, batch, variables, scaling):
-        """The T x (B * size of z) Jacobian of the task losses with respect to the encoder's output z; the balanced
-        direction over z reaches the shared variables through one backward pass of the encoder (`to_shared`)."""
-        def encode():
-            return self._encode(batch.x, training=True)
-
-        def decode(features):
-            y_pred = self._decode(features, batch.x, training=True)
-            raw = gradient_backends.global_losses(self._task_losses(batch.y, y_pred, batch.sample_weight))
-            forward = _Forward(y_pred, self.balancer.task_losses(raw), self._regularization_loss())
-            return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
-
-        result = gradient_backends.representation_gradients(
-            encode, decode, variables.shared, variables.task_groups, variables.extra, self._vectorize
-        )
-        grads = _Gradients(result.aux, blocks=result.shared_blocks, own=result.task_gradients,
-                           extra=result.extra_gradients, regularization=result.regularization_gradients)
-
-        def to_shared(directions):
-            (direction,) = directions
-            return [scaling.unscale(g) for g in result.to_shared(scaling.scale(direction))]
-
-        grads.to_shared = to_shared
-        return grads
-
-    def _combined_gradients(self, batch, variables, scaling):
-        def differentiated():
-            forward = self._forward_stage(batch)
-            combined, weights = self.balancer.combine_losses(forward.losses)
-            return scaling.scale(combined + forward.regularization), (forward, weights)
-
-        (forward, weights), grads = gradient_backends.loss_gradients(differentiated, variables.all)
-        return _Gradients(forward, combined=grads, weights=weights)
-
-    def _usable(self, grads):
-        """(finite, invalid): whether the step can be applied, and the (T,) tasks whose loss is unusable.
-
-        `keras_dbmtl.gradients.all_finite`: a NaN or inf entry in any gradient (TF, JAX: one sum per tensor, so a
-        sum of finite gradients that overflows float32 counts too; torch: one fused max-abs call)."""
-        raw = grads.forward.losses.raw
-        invalid = self.balancer.invalid_losses(raw)
-        if grads.blocks is not None:
-            # A task without labels in this batch (loss exactly 0, every gradient 0) is usable: it takes no part.
-            grads.labelled = ops.logical_not(self._without_labels(raw, grads))
-            none_labelled = ops.logical_not(ops.any(grads.labelled))            # then nothing to learn: skipped
-            invalid = ops.logical_and(invalid, ops.logical_or(grads.labelled, none_labelled))
-        finite = ops.logical_not(ops.any(invalid))
-        tensors = grads.tensors()
-        if tensors:
-            finite = ops.logical_and(finite, gradient_backends.all_finite(tensors))
-        return finite, invalid
-
-    def _without_labels(self, raw, grads):
-        """(T,) bool: tasks whose raw loss is exactly 0 with every gradient exactly 0 (no labelled sample, or a
-        sample_weight of 0 for the task over the whole batch)."""
-        num_tasks = len(self.task_names)
-        squares = ops.zeros((num_tasks,), "float32")
-        for block in grads.blocks:
-            squares = squares + ops.sum(ops.square(ops.reshape(ops.cast(block, "float32"), (num_tasks, -1))), axis=1)
-        own = [ops.sum(ops.stack([ops.sum(ops.square(ops.cast(g, "float32"))) for g in group]))
-               if group else ops.zeros((), "float32") for group in grads.own]
-        return ops.logical_and(ops.equal(raw, 0.0), ops.equal(squares + ops.stack(own), 0.0))
-
-    def _balance_stage(self, grads, mask=None):
-        """The balancer's update (keras_dbmtl.balancing, the core every front door calls): one gradient per step
-        variable, the task weights, and the step's one `TaskJacobian` (None at loss level, where the balancing
-        happened inside the differentiated loss)."""
-        if grads.blocks is None:
-            return _Update(grads.combined, grads.weights, None)
-        blocks, losses = grads.blocks, grads.forward.losses
-        if mask is not None:
-            # The select path runs this on a skipped step too (the result is discarded): keep NaN out of solvers.
-            blocks = [ops.where(mask, b, ops.zeros_like(b)) for b in blocks]
-            losses = losses.where(mask)
-        balanced = balancing.balance(self.balancer, losses, blocks, grads.own, getattr(grads, "labelled", None),
-                                     self.gradient_statistics)
-        return _Update(self._assemble(balanced, grads), balanced.task_weights, balanced.jacobian,
-                       balanced.head_weights)
-
-    def _scheduled_balance_stage(self, grads, mask=None):
-        """The balance stage; with `task_gradients_every=k > 1`, the balancer's update on refresh steps and the
-        last refresh's weights in between (keras_dbmtl.task_gradients.AmortisedSchedule)."""
-        if grads.refresh is None:
-            return self._balance_stage(grads, mask)
-        state = list(self.balancer.variables)
-        if self.gradient_statistics is not None:
-            state += list(self.gradient_statistics.variables)
-
-        def amortised_update(combined_shared, head_weights, grads):
-            """The shared gradient of sum_t w_t l_t, each head's own gradient times its stored head weight."""
-            heads = []
-            for t, group in enumerate(grads.own):
-                heads.extend(g * ops.cast(head_weights[t], g.dtype) for g in group)
-            step = list(combined_shared) + heads + grads.extra
-            return [g if r is None else g + r for g, r in zip(step, grads.regularization or [None] * len(step))]
-
-        schedule = self.task_gradient_schedule
-        update = schedule.balance(lambda: self._balance_stage(grads, mask), grads, state, amortised_update, _Update)
-        return update._replace(refresh=grads.refresh)
-
-    @staticmethod
-    def _assemble(balanced, grads):
-        """The step's gradients in the order of `_Variables.all`: the shared direction (through the encoder for
-        representation-level gradients), each head's weighted gradients, the balancer's variables'; plus the
-        regularisation gradients."""
-        shared = balanced.shared if grads.to_shared is None else grads.to_shared(balanced.shared)
-        step = list(shared) + [g for group in balanced.heads for g in group] + grads.extra
-        return [g if r is None else g + r for g, r in zip(step, grads.regularization or [None] * len(step))]
-
-    def _apply_stage(self, update, batch, forward, variables, optimizer):
-        """One optimizer update of every step variable; then the balancer's `after_step` hook (FAMO asks for the
-        losses of the same batch after the update)."""
-        optimizer.apply(gradient_backends.optimizer_gradients(update.gradients), variables.all)
-
-        def losses_after():
-            y_pred = self(batch.x, training=True)
-            return gradient_backends.global_losses(self._task_losses(batch.y, y_pred, batch.sample_weight))
-
-        self.balancer.after_step(forward.losses.raw, losses_after)
-
-    def _metrics_stage(self, batch, forward, update, mask=None):
-        """The loss, per-task loss, weight and gradient-norm trackers, and the compiled metrics."""
-        update_state = _metric_updater(mask)
-        raw = forward.losses.raw
-        update_state(self._loss_tracker, ops.sum(raw) + forward.regularization)
-        weights = ops.cast(update.task_weights, "float32")
-        norms = None if update.jacobian is None else update.jacobian.norms()
-        norm_mask = mask
-        if update.refresh is not None:      # task_gradients_every > 1: norms of refresh steps only
-            norm_mask = update.refresh if mask is None else ops.logical_and(mask, update.refresh)
-        self._task_trackers["loss"].update_state(raw, mask)
-        self._task_trackers["weight"].update_state(weights, mask)
-        took_part = ops.logical_and(ops.not_equal(raw, 0.0), ops.isfinite(raw))
-        self._task_trackers["steps"].update_state(ops.cast(took_part, "float32"), mask)
-        if norms is not None:
-            self._task_trackers["gradient_norm"].update_state(norms, norm_mask)
-        if self._compile_metrics is not None:
-            self._compile_metrics.update_state(batch.y, forward.y_pred, batch.sample_weight)
-
-    def _metric_logs(self):
-        return dict(self.get_metrics_result())
-
-    def _step_logs(self, finite, invalid, loss_scaled, raw):
-        """The metrics' results. A skipped batch logs a NaN loss, so that TerminateOnNaN stops on it (except a
-        LossScaleOptimizer's overflow with finite losses: its normal scale adjustment), and NaN for each task at
-        fault; the epoch means count the applied steps only. Skipped with every loss finite (a gradient or the
-        optimizer's update was not finite; no LossScaleOptimizer) and the largest raw loss at least
-        `OVERFLOW_SUSPECT_LOSS` (its gradient's square can overflow float32 in Adam), that task, the likely cause,
-        logs +inf, so that `SkipReport` can name it."""
-        logs = self._metric_logs()
-        nan = ops.convert_to_tensor(float("nan"), "float32")
-        nan_loss = ops.logical_not(finite)
-        if loss_scaled:
-            nan_loss = ops.logical_and(nan_loss, ops.any(invalid))
-        logs["loss"] = ops.where(nan_loss, nan, logs["loss"])
-        largest = ops.equal(ops.arange(len(self.task_names)), ops.argmax(raw))
-        largest = ops.logical_and(largest, raw >= OVERFLOW_SUSPECT_LOSS)
-        suspect = ops.logical_and(largest, nan_loss)
-        suspect = ops.logical_and(suspect, ops.logical_not(ops.any(invalid)))
-        inf = ops.convert_to_tensor(float("inf"), "float32")
-        for t, task in enumerate(self.task_names):
-            key = f"{task}_loss"
-            if key in logs:
-                logs[key] = ops.where(invalid[t], nan, ops.where(suspect[t], inf, logs[key]))
-        return logs
-
     def get_metrics_result(self):
         """As in Keras, without the (matrix) result of `gradient_statistics`."""
         results = {}
@@ -986,35 +649,19 @@ class MultiTaskModel(keras.Model):
                 results[metric.name] = result
         return results
 
-    # ------------------------------------------------------------------ the test step
-    def _balanced_test_step(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        self._check_targets(y)
-        y_pred = self(x, training=False)
-        raw_losses = self._task_losses(y, y_pred, sample_weight)
-        regularization = self._regularization_loss()
-        self._loss_tracker.update_state(ops.sum(raw_losses) + regularization)
-        self._task_trackers["loss"].update_state(raw_losses)
-        logs = self.compute_metrics(x, y, y_pred, sample_weight)
-        # Task weights and gradient norms exist only in training.
-        training_only = {key for kind in ("weight", "gradient_norm", "steps")
-                         for key in self._task_trackers[kind].keys}
-        training_only.add(SKIPPED_STEPS_KEY)
-        return {key: value for key, value in logs.items() if key not in training_only}
-
     # ------------------------------------------------------------------ the Keras trainer's entry points
     def train_step(self, *args):
         def state():
             return (self.trainable_variables, self.non_trainable_variables, self.optimizer.variables,
                     self.metrics_variables)
 
-        return gradient_backends.run_step(self._balanced_train_step, args, state)
+        return gradient_backends.run_step(lambda data: balanced_step.train(self, data), args, state)
 
     def test_step(self, *args):
         def state():
             return self.trainable_variables, self.non_trainable_variables, self.metrics_variables
 
-        return gradient_backends.run_step(self._balanced_test_step, args, state)
+        return gradient_backends.run_step(lambda data: balanced_step.evaluate(self, data), args, state)
 
     def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
         self._check_fit_arguments(x, y, kwargs.get("sample_weight"))
@@ -1116,8 +763,11 @@ class MultiTaskModel(keras.Model):
     # ------------------------------------------------------------------ config
     def get_config(self):
         if self.network is not None:
-            return {"name": self.name, "network": keras.saving.serialize_keras_object(self.network),
-                    "shared_variables": self._graph.shared_config, "representation": self._graph.representation}
+            config = {"name": self.name, "network": keras.saving.serialize_keras_object(self.network),
+                      "shared_variables": self._graph.shared_config, "representation": self._graph.representation}
+            if self._graph.subclassed:
+                config["task_names"] = list(self.task_names)
+            return config
         return {
             "name": self.name,
             "encoder": keras.saving.serialize_keras_object(self.encoder),

@@ -133,50 +133,29 @@ class AmortisedSchedule(keras.layers.Layer):
         self.built = True
 
     def refresh(self):
-        """Whether this step computes the per-task gradients (bool scalar tensor)."""
+        """The schedule's decision for this step: whether it computes the per-task gradients (bool scalar)."""
         return ops.equal(ops.mod(ops.convert_to_tensor(self.step), self.every), 0)
 
-    def balance(self, balance_stage, grads, state_variables, assemble, update_type):
-        """The update the step applies: the balancer's (`balance_stage()`) on refresh steps, the last weights'
-        (`assemble`) otherwise; advances the counter. Compiled steps (JAX, TensorFlow) run the balancer on every
-        step (its Jacobian holds zeros in between) and keep `state_variables` where the step is not a refresh;
-        torch, eager, branches in Python and runs the balancer on refresh steps only."""
-        if gradient_backends.branches_in_python():
-            return self._branch(balance_stage, grads, assemble, update_type)
-        refresh = grads.refresh
-        previous = gradient_backends.snapshot(state_variables)
-        update = balance_stage()
-        gradient_backends.keep_where(refresh, state_variables, previous)
-        stored_heads = ops.convert_to_tensor(self.head_weights)
-        amortised = assemble(grads.combined_shared, stored_heads, grads)
-        stored = ops.convert_to_tensor(self.weights_applied)
-        weights = ops.where(refresh, ops.cast(update.task_weights, "float32"), stored)
-        fresh_heads = _head_weights(update, self.num_tasks)
-        self.weights_applied.assign(weights)
+    def stored(self):
+        """(task weights, head weights) of the last refresh step, (T,) each: what the steps in between apply."""
+        return ops.convert_to_tensor(self.weights_applied), ops.convert_to_tensor(self.head_weights)
+
+    def commit(self, refresh, task_weights, head_weights=None):
+        """Ends the step: on a refresh step (`refresh` a bool scalar tensor, or a Python bool where the step
+        branches in Python) stores the balancer's fresh `task_weights` and `head_weights` (None: all ones); advances
+        the counter. Returns the task weights the step applied."""
+        fresh_weights = ops.cast(task_weights, "float32")
+        fresh_heads = (ops.ones((self.num_tasks,), "float32") if head_weights is None
+                       else ops.cast(head_weights, "float32"))
+        stored_weights, stored_heads = self.stored()
+        applied = ops.where(refresh, fresh_weights, stored_weights)
+        self.weights_applied.assign(applied)
         self.head_weights.assign(ops.where(refresh, fresh_heads, stored_heads))
         self.step.assign_add(ops.cast(1, "int32"))
-        gradients = [ops.where(refresh, a, b) for a, b in zip(update.gradients, amortised)]
-        return update._replace(gradients=gradients, task_weights=weights)
-
-    def _branch(self, balance_stage, grads, assemble, update_type):
-        self.step.assign_add(ops.cast(1, "int32"))
-        if bool(ops.convert_to_numpy(grads.refresh)):
-            update = balance_stage()
-            self.weights_applied.assign(ops.cast(update.task_weights, "float32"))
-            self.head_weights.assign(_head_weights(update, self.num_tasks))
-            return update
-        weights, heads = ops.convert_to_tensor(self.weights_applied), ops.convert_to_tensor(self.head_weights)
-        return update_type(assemble(grads.combined_shared, heads, grads), weights, None, heads)
+        return applied
 
     def get_config(self):
         return {"every": self.every, "num_tasks": self.num_tasks, "name": self.name}
-
-
-def _head_weights(update, num_tasks):
-    head = getattr(update, "head_weights", None)
-    if head is None:
-        return ops.ones((num_tasks,), "float32")
-    return ops.cast(head, "float32")
 
 
 def step_cost(every, num_tasks, backward_cost):

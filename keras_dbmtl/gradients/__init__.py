@@ -35,35 +35,70 @@ averaged over the replicas, so the balancer sees the global batch, runs identica
 stays the same everywhere.
 """
 
+import collections
+import functools
+
 import keras
 from keras import ops
 
 
-class TaskGradients:
-    """What `task_gradients` returns (gradients of the global batch, one entry per variable).
+_FIELDS = ("aux", "task_losses", "shared_blocks", "task_gradients", "extra_gradients", "regularization_gradients",
+           "combined_shared", "refresh", "to_shared", "labelled", "combined", "task_weights", "unowned_blocks")
 
-    Attributes:
-        aux: the forward's auxiliary output.
+
+class TaskGradients(collections.namedtuple("TaskGradients", _FIELDS, defaults=(None,) * 10)):
+    """The step's one gradients record (gradients of the global batch; one entry per variable).
+
+    Gradient level (`task_gradients`, `representation_gradients`):
+        aux: the forward's auxiliary output (the train step's `Forward`).
         task_losses: the (T,) losses that were differentiated.
-        shared_blocks: one (T, *shape) block per shared variable: the task Jacobian.
+        shared_blocks: one (T, *shape) block per shared variable: the task Jacobian (representation level: one
+            (T, *z.shape) block, the Jacobian with respect to the representation z).
         task_gradients: for each task, the gradients of its own variables.
         extra_gradients: gradients of sum_t task_losses[t] for the extra variables (a balancer's learned ones).
         regularization_gradients: gradients of the regularisation loss for shared + task + extra variables, or
             None entries when the forward had no regularisation loss.
+        combined_shared, refresh: with `amortise` (task_gradients_every > 1), the shared gradient of
+            sum_t w_t task_losses[t] and whether this step computed the blocks instead (keras_dbmtl.task_gradients).
+        to_shared: representation level: `to_shared(cotangent)`, the shared variables' gradients of
+            <cotangent, z> (one backward pass through the encoder).
+        labelled: (T,) bool, False for a task without labels in the batch (set by the step's usability check).
+        unowned_blocks: (T, *shape) blocks of the variables outside the shared ones whose task is unknown (a
+            subclassed model's), or None; each gets sum_t h_t row_t (`keras_dbmtl.balancing.balance`).
+    Loss level (`loss_gradients`, wrapped by the train step):
+        combined: the gradient of the balancer's combined loss for every step variable.
+        task_weights: the balancer's (T,) task weights.
     """
 
-    def __init__(self, aux, task_losses, shared_blocks, task_gradients, extra_gradients, regularization_gradients):
-        self.aux = aux
-        self.task_losses = task_losses
-        self.shared_blocks = shared_blocks
-        self.task_gradients = task_gradients
-        self.extra_gradients = extra_gradients
-        self.regularization_gradients = regularization_gradients
+    __slots__ = ()
+
+    def tensors(self):
+        """Every gradient tensor of the record."""
+        groups = [self.combined or [], self.shared_blocks or [], self.unowned_blocks or [],
+                  *(self.task_gradients or []),
+                  self.extra_gradients or [], self.regularization_gradients or [], self.combined_shared or []]
+        return [g for group in groups for g in group if g is not None]
+
+    def map(self, fn):
+        """The same record with `fn` applied to every gradient tensor (losses, flags and weights unchanged)."""
+        def each(values):
+            return None if values is None else [None if g is None else fn(g) for g in values]
+
+        own = None if self.task_gradients is None else [each(group) for group in self.task_gradients]
+        return self._replace(combined=each(self.combined), shared_blocks=each(self.shared_blocks),
+                             unowned_blocks=each(self.unowned_blocks),
+                             task_gradients=own, extra_gradients=each(self.extra_gradients),
+                             regularization_gradients=each(self.regularization_gradients),
+                             combined_shared=each(self.combined_shared))
 
 
 def backend_module(name=None):
     """The module of primitives for `name` (default: the running Keras backend)."""
-    name = name or keras.backend.backend()
+    return _backend_module(name or keras.backend.backend())
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_module(name):
     if name == "tensorflow":
         from keras_dbmtl.gradients import tensorflow as module
     elif name == "torch":
@@ -77,45 +112,34 @@ def backend_module(name=None):
     return module
 
 
-# ---------------------------------------------------------------------- primitives, looked up at call time
-def global_losses(task_losses):
-    return backend_module().global_losses(task_losses)
+# ---------------------------------------------------------------------- primitives, the backend chosen once
+#: The running backend's module of primitives, chosen once at import, as Keras chooses its backend.
+PRIMITIVES = backend_module()
 
-
-def optimizer_gradients(grads):
-    return backend_module().optimizer_gradients(grads)
-
-
-def num_replicas():
-    return backend_module().num_replicas()
-
-
-def replica_mean(values):
-    return backend_module().replica_mean(values)
-
-
-def replica_rank():
-    return backend_module().replica_rank()
+global_losses = PRIMITIVES.global_losses
+optimizer_gradients = PRIMITIVES.optimizer_gradients
+num_replicas = PRIMITIVES.num_replicas
+replica_mean = PRIMITIVES.replica_mean
+replica_rank = PRIMITIVES.replica_rank
+skips_by_branch = PRIMITIVES.skips_by_branch
+branches_in_python = PRIMITIVES.branches_in_python
+run_step = PRIMITIVES.run_step
 
 
 def broadcast_from_root(tensors, root=0):
-    return backend_module().broadcast_from_root(list(tensors), root)
+    return PRIMITIVES.broadcast_from_root(list(tensors), root)
 
 
 def init_process_group(backend="gloo", **kwargs):
-    return backend_module().init_process_group(backend, **kwargs)
+    return PRIMITIVES.init_process_group(backend, **kwargs)
 
 
 def snapshot(variables):
-    return backend_module().snapshot(list(variables))
+    return PRIMITIVES.snapshot(list(variables))
 
 
 def keep_where(flag, variables, previous):
-    backend_module().keep_where(flag, list(variables), list(previous))
-
-
-def skips_by_branch():
-    return backend_module().skips_by_branch()
+    PRIMITIVES.keep_where(flag, list(variables), list(previous))
 
 
 def all_finite(tensors):
@@ -123,19 +147,11 @@ def all_finite(tensors):
     max-abs call); else one sum per tensor (a NaN or inf entry, or a sum that overflows float32, makes it
     non-finite) and one reduction of the sums."""
     tensors = list(tensors)
-    own = getattr(backend_module(), "all_finite", None)
+    own = getattr(PRIMITIVES, "all_finite", None)
     if own is not None:
         return own(tensors)
     sums = ops.stack([ops.sum(ops.cast(g, "float32")) for g in tensors])
     return ops.all(ops.isfinite(sums))
-
-
-def branches_in_python():
-    return backend_module().branches_in_python()
-
-
-def run_step(step, args, state_groups):
-    return backend_module().run_step(step, args, state_groups)
 
 
 # ---------------------------------------------------------------------- assembly, written once
@@ -177,11 +193,15 @@ def _one_output(result):
     return (loss,), aux
 
 
-def task_gradients(forward, shared_variables, task_variables, extra_variables=(), vectorize=None, amortise=None):
+def task_gradients(forward, shared_variables, task_variables, extra_variables=(), vectorize=None, amortise=None,
+                   unowned_variables=()):
     """forward() -> (task_losses (T,), regularization_loss, aux), run once. Returns `TaskGradients`.
 
     Task-specific variables reach only their own task's loss, so one pull of sum_t l_t gives every head its own
     gradient (and the extra variables the gradient of the sum).
+
+    `unowned_variables` (a subclassed model's variables outside the shared ones, whose task no graph says): their
+    (T, *shape) Jacobian blocks, from the same pulls as the shared blocks (`TaskGradients.unowned_blocks`).
 
     `amortise=(refresh, weights)`: the shared Jacobian only where `refresh` (a bool scalar tensor; zeros
     elsewhere), and else one pull of sum_t weights[t] * task_losses[t] for the shared variables
@@ -190,7 +210,16 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables=()
     module = backend_module()
     vectorize = default_vectorize(module) if vectorize is None else vectorize
     shared, groups, extra = list(shared_variables), [list(g) for g in task_variables], list(extra_variables)
-    everything = shared + [v for group in groups for v in group] + extra
+    unowned = list(unowned_variables)
+    if amortise is not None and unowned:
+        raise ValueError("task_gradients_every > 1 needs each non-shared variable's task: not available with "
+                         "variables outside shared_variables whose task is unknown (a subclassed model).")
+    owned = [v for group in groups for v in group]
+    everything = shared + owned + unowned + extra
+    first_unowned = len(shared) + len(owned)
+    unowned_indices = list(range(first_unowned, first_unowned + len(unowned)))
+    own_indices = list(range(len(shared), first_unowned)) + list(range(first_unowned + len(unowned),
+                                                                           len(everything)))
     has_regularization = []
 
     def outputs():
@@ -201,21 +230,26 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables=()
     (losses, regularization), aux, pull = module.pullback(outputs, everything)
     combined = None
     if amortise is None:
-        shared_blocks = _jacobian_blocks(pull, losses, regularization, len(shared), vectorize)
+        blocks = _jacobian_blocks(pull, losses, regularization, len(shared), vectorize,
+                                  indices=list(range(len(shared))) + unowned_indices)
+        shared_blocks, unowned_blocks = list(blocks[:len(shared)]), list(blocks[len(shared):])
     else:
         shared_blocks, combined = _amortised_shared(pull, losses, regularization, shared, vectorize, *amortise)
-    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), range(len(shared), len(everything)))
+        unowned_blocks = []
+    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), own_indices)
     if has_regularization[0]:
         reg_grads = pull((ops.zeros_like(losses), ops.ones_like(regularization)), range(len(everything)))
     else:
         reg_grads = [None] * len(everything)
-    sizes = [len(shared)] + [len(g) for g in groups] + [len(extra)] + [len(everything)]
+    sizes = [len(shared), len(unowned)] + [len(g) for g in groups] + [len(extra)] + [len(everything)]
     combined_list = [] if combined is None else list(combined)
-    reduced = _replica_mean_keeping_nones(list(shared_blocks) + list(own) + list(reg_grads) + combined_list)
+    reduced = _replica_mean_keeping_nones(list(shared_blocks) + unowned_blocks + list(own) + list(reg_grads)
+                                          + combined_list)
     parts = _split(reduced, sizes + [len(combined_list)])
-    result = TaskGradients(aux, losses, parts[0], parts[1:-3], parts[-3], parts[-2])
-    result.combined_shared = None if combined is None else parts[-1]
-    return result
+    return TaskGradients(aux, losses, parts[0], parts[2:-3], parts[-3], parts[-2],
+                         combined_shared=None if combined is None else parts[-1],
+                         refresh=None if amortise is None else amortise[0],
+                         unowned_blocks=parts[1] if unowned else None)
 
 
 def _amortised_shared(pull, losses, regularization, shared, vectorize, refresh, weights):
@@ -282,10 +316,8 @@ def representation_gradients(encode, decode, shared_variables, task_variables, e
     else:
         reg_grads = [None] * len(everything)
     parts = _split(list(own), [len(g) for g in groups] + [len(extra)])
-    result = TaskGradients(aux, losses, list(blocks), parts[:-1], parts[-1], list(reg_grads))
 
     def to_shared(cotangent):
         return pull_encoder((ops.cast(cotangent, z.dtype),), range(len(shared)))
 
-    result.to_shared = to_shared
-    return result
+    return TaskGradients(aux, losses, list(blocks), parts[:-1], parts[-1], list(reg_grads), to_shared=to_shared)
