@@ -43,11 +43,40 @@ Several processes (`keras_dbmtl.distributed.initialize("gloo")` or NCCL, one sha
 process, no `DistributedDataParallel` wrapper): the losses take their replica mean's value before the transform,
 and the Jacobian and every gradient are averaged over the processes (one flattened all-reduce) before the balancer
 runs, so every process gets the same direction and its balancer state stays identical; with equal shards and
-mean-reduced losses this equals one process on the global batch.
+mean-reduced losses this equals one process on the global batch. With `features=`, the representation Jacobian's
+columns of every process are gathered instead (`all_gather`, the processes' shards in rank order along the batch
+axis, the first axis of every feature tensor): the balancer runs on the global batch's $T \\times (B |z|)$
+Jacobian (its state sized by the global batch), each process backpropagates its own rows of $d_z$ through its
+trunk, and the trunk gradients are summed over the processes.
+
+Unusable steps, as `fit` skips them: when a task's raw loss is not finite (or not positive under a log transform),
+or any gradient the door computed is NaN or inf, `backward` writes no gradient (every `.grad` stays as it was),
+leaves the balancer's state as it was (DB-MTL's EMA and step counter; a loss-level balancer's state is restored),
+returns None, counts the step in `Balancer.skipped_steps`, sets `Balancer.last_step_skipped` and warns
+(RuntimeWarning) naming the tasks. `optimizer.step()` then moves nothing whose `.grad` is None (after
+`optimizer.zero_grad()`, which sets None by default); gradients that were already there (accumulation,
+`zero_grad(set_to_none=False)`, where momentum and weight decay still move the parameters) are applied as they
+are: skip the `optimizer.step()` when `backward` returned None to skip the step exactly. The checks run before
+the balancer (on the Jacobian and every gradient, after the all-reduce with several processes, so that every
+process skips together); the gradients the balanced step produces are checked too before they are written: with
+`features=`, where the trunk's backward pass follows the balancer, the balancer's state is copied before it runs
+and restored when that pass is not finite.
+
+A task without labels in the batch (its raw loss exactly 0 and every gradient of it exactly 0, e.g. a masked mean
+over no labelled sample) takes no part, as in `fit`: `TaskJacobian.labelled` is False for it (DB-MTL keeps its EMA
+and leaves it out of $\\alpha_k$ and of the direction; the min-norm methods leave it out), and its zero loss is not
+an unusable one under the log transform (unless no task has labels: then, under the log transform, the step is
+skipped).
 
 Mixed precision: the door runs inside a user's `torch.autocast` region; the losses are cast to float32 for the
-balancer and the balancer itself runs with autocast disabled. `torch.amp.GradScaler` (float16 loss scaling) is not
-supported: use bfloat16 autocast, which needs none. `torch.compile`: compile the model (or its forward) and call
+balancer and the balancer itself runs with autocast disabled. float16 loss scaling: pass the `torch.amp.GradScaler`
+as `backward(losses, ..., scaler=scaler)` with the unscaled losses (not `scaler.scale(loss)`: the door cannot tell
+them apart), then `scaler.step(optimizer)` and `scaler.update()` as usual. The door differentiates the scaled
+transformed losses, unscales the Jacobian before the balancer and writes every gradient scaled by the current
+scale; on an overflow (a NaN or inf gradient with finite losses: no warning, the scaler's normal adjustment) or an
+unusable loss it writes inf into the `.grad` of every parameter it would have given a gradient, so that
+`scaler.step` skips the update and `scaler.update()` backs the scale off, and the balancer's state stays as it
+was. `torch.compile`: compile the model (or its forward) and call
 `backward` eagerly on its losses; `backward` itself is not meant to be compiled. The vectorised Jacobian runs
 the backward pass under `vmap`, which compiled graphs and some operators do not support: `vectorize=False` (the
 default on the CPU) pulls one task row at a time.
@@ -56,6 +85,7 @@ default on the CPU) pulls one task row at a time.
 import collections
 import collections.abc
 import warnings
+import zlib
 
 from keras_dbmtl import balancing
 from keras_dbmtl._utils import unique
@@ -120,9 +150,14 @@ class Balancer:
         self.vectorize = vectorize
         self.task_names = None
         self.last_step = None
+        #: The number of `backward` calls that were skipped (an unusable loss or a non-finite gradient).
+        self.skipped_steps = 0
+        #: Whether the last `backward` was skipped (then `last_step` is still the last applied step's).
+        self.last_step_skipped = False
         self._keyed = None
         self._shapes = None
         self._split = None               # (task parameters, params reached by several tasks) found at the first call
+        self._shared_checked = False     # every shared parameter is reached (checked once, at the first call)
         self._checked_learned = 0
         self._learned_before = None
 
@@ -135,7 +170,8 @@ class Balancer:
             tasks: the task names (the keys `backward` will receive) or their number.
             shared_parameters: the shared parameters (an iterable of tensors; only their shapes are read), or
             features: the shared representation (a tensor or a list of tensors) when `backward` will take
-                `features=`: its shapes, batch axis included.
+                `features=`: its shapes, batch axis included (this process's: with several processes, the state
+                is sized by the global batch, the first axis times the number of processes).
         """
         names = [f"task{i}" for i in range(tasks)] if isinstance(tasks, int) else [str(t) for t in tasks]
         if not names:
@@ -144,7 +180,7 @@ class Balancer:
             raise ValueError("build takes shared_parameters= or features= (one of them): the shapes of what the "
                              "task Jacobian is taken with respect to.")
         tensors = self._as_list(features if features is not None else shared_parameters, "shared_parameters")
-        shapes = [tuple(t.shape) for t in tensors]
+        shapes = self._feature_shapes(tensors) if features is not None else [tuple(t.shape) for t in tensors]
         if self.balancer.built:
             self._check_build(names, shapes)
         else:
@@ -237,7 +273,7 @@ class Balancer:
         return names, values
 
     # ------------------------------------------------------------------ the step
-    def backward(self, losses, shared_parameters=None, task_parameters=None, features=None):
+    def backward(self, losses, shared_parameters=None, task_parameters=None, features=None, scaler=None):
         """Sets `.grad` of the shared parameters to the balanced direction and of each task's parameters to its own
         gradient times its head weight (accumulating into `.grad`); call `optimizer.step()` after it.
 
@@ -251,20 +287,29 @@ class Balancer:
                 losses reach and that is not shared, found once, at the first call, by walking the autograd graph
                 (pass it when the set changes between steps). A non-shared parameter reached by several tasks
                 gets $\\sum_t h_t\\,\\partial\\tilde\\ell_t/\\partial\\psi$ (not balanced; a warning says so once).
-            features: the shared representation $z$ (a tensor, or a list of tensors) that every task's head reads:
-                the Jacobian is taken with respect to it (the balancer's state is then sized by $z$'s shape,
-                batch axis included: keep the batch size fixed) and the balanced direction $d_z$ reaches the
-                shared parameters through one backward pass of the trunk. One process only.
+            features: the shared representation $z$ (a tensor, or a list of tensors, batch axis first) that every
+                task's head reads: the Jacobian is taken with respect to it (the balancer's state is then sized by
+                $z$'s shape, batch axis included, the global batch's with several processes: keep the batch size
+                fixed) and the balanced direction $d_z$ reaches the shared parameters through one backward pass of
+                the trunk.
+            scaler: an enabled `torch.amp.GradScaler` (float16 loss scaling), or None. `losses` are the unscaled
+                losses; every gradient written is scaled by the scaler's current scale, for
+                `scaler.step(optimizer)` and `scaler.update()`; on a skipped step the door writes inf into those
+                `.grad`s instead, so that the scaler skips the update and backs its scale off.
 
         Returns:
             The task weights of the step, detached: a dict {task: 0-d tensor} when `losses` is a dict, else a (T,)
-            tensor (also in `last_step`, with the losses and the head weights). None when a loss is unusable (not
-            finite, or not positive under a log transform): then nothing is written (no gradient, no balancer
-            state) and a RuntimeWarning names the tasks.
+            tensor (also in `last_step`, with the losses and the head weights). None when the step is skipped: a
+            loss is unusable (not finite, or not positive under a log transform, for a task with labels) or a
+            gradient is NaN or inf. Then nothing is written (no `.grad` is touched, except the inf a `scaler`
+            needs), the balancer's state stays as it was, `skipped_steps` counts it, `last_step_skipped` is True
+            and a RuntimeWarning names the tasks (none for an overflow under a `scaler` with finite losses: the
+            scaler's normal adjustment).
 
         Raises:
             ValueError, TypeError: losses that are not 0-d tensors, task names that change, no shared parameters,
-                a shared parameter that no loss reaches.
+                a shared parameter that no loss reaches (checked at the first call), a `scaler` that is not a
+                GradScaler, features whose shapes differ between the processes.
         """
         import torch
 
@@ -272,12 +317,9 @@ class Balancer:
 
         names, values = self._losses(losses)
         device_type = values[0].device.type
+        scale = self._scale(scaler, values[0].device)
         if features is not None:
             features = self._as_list(features, "features")
-            if backend.num_replicas() > 1:
-                raise ValueError("features= runs on one process only (the representation Jacobian of one shard is "
-                                 "not that of the global batch): pass shared_parameters= without features= with "
-                                 "several processes.")
             if shared_parameters is None:
                 reached = _reached_leaves(features)
                 shared = [t for t in reached.values() if t.requires_grad]
@@ -294,30 +336,106 @@ class Balancer:
                              "nothing, train them separately: there is nothing to balance.")
         raw_local = torch.stack([v.float() for v in values])
         raw = backend.global_losses(raw_local)                 # the global batch's values on several processes
-        blocks_of = features if features is not None else shared
+        shapes = self._feature_shapes(features) if features is not None else [tuple(t.shape) for t in shared]
         task_params = self._task_parameters(values, shared, task_parameters, features)
-        self._prepare(names, [tuple(t.shape) for t in blocks_of])
+        self._prepare(names, shapes)
+        written = unique(list(shared) + list(task_params) + self.parameters())   # what a scaler's inf goes to
         with torch.autocast(device_type, enabled=False):
             task_losses = self.balancer.task_losses(raw)
             transformed = task_losses.transformed
-            invalid = self.balancer.invalid_losses(raw.detach())
-            if bool(invalid.any()):
-                bad = [n for n, b in zip(names, invalid.tolist()) if b]
-                warnings.warn(f"Unusable losses for tasks {bad} (not finite, or not positive under a log "
-                              "transform): this step writes no gradient and "
-                              "leaves the balancer's state as it was.", RuntimeWarning, stacklevel=2)
-                return None
-            self._check_learned_moved()
+            invalid = self.balancer.invalid_losses(raw.detach()).to(raw.device)
             if self.balancer.uses_task_gradients:
-                weights, head_weights = self._gradient_level(task_losses, shared, task_params, features)
+                # A zero loss may be a task without labels (decided with its gradients): not unusable yet.
+                invalid = torch.logical_and(invalid, raw.detach() != 0)
+            if bool(invalid.any()):
+                return self._skip(self._unusable_losses_message(names, invalid), written, scale)
+            if self.balancer.uses_task_gradients:
+                result = self._gradient_level(task_losses, shared, task_params, features, scale, names)
             else:
-                weights, head_weights = self._loss_level(task_losses, shared, task_params)
+                result = self._loss_level(task_losses, shared, task_params, scale)
+            if not isinstance(result, tuple):                   # the reason the step is skipped
+                return self._skip(result, written, scale)
+            weights, head_weights = result
         weights = weights.detach().to(values[0].device)
         self.last_step = Step(raw.detach(), transformed.detach(), weights,
                               None if head_weights is None else head_weights.detach().to(values[0].device))
+        self.last_step_skipped = False
         if self._keyed:
             return {name: weights[t] for t, name in enumerate(names)}
         return weights
+
+    @staticmethod
+    def _unusable_losses_message(names, invalid):
+        bad = [n for n, b in zip(names, invalid.tolist()) if b]
+        return (f"Unusable losses for tasks {bad} (not finite, or not positive under a log transform): this step "
+                "writes no gradient and leaves the balancer's state as it was.")
+
+    @staticmethod
+    def _non_finite_message(where):
+        return (f"Non-finite gradients (NaN or inf) {where}: this step writes no gradient and leaves the balancer's "
+                "state as it was.")
+
+    def _skip(self, message, written, scale):
+        """A skipped step: nothing written (a scaler's inf aside), the balancer's state as it was; warns with
+        `message` (None: a scaler's overflow, its normal adjustment: no warning). Returns None."""
+        import torch
+
+        self.skipped_steps += 1
+        self.last_step_skipped = True
+        if scale is not None:
+            # The GradScaler protocol: a non-finite .grad makes scaler.step skip and scaler.update back off.
+            with torch.no_grad():
+                for t in written:
+                    if t.grad is None:
+                        t.grad = torch.full_like(t, float("inf"))
+                    else:
+                        t.grad.fill_(float("inf"))
+        if message is not None:
+            if scale is not None:
+                message += " With scaler=, the gradients are set to inf instead: scaler.step skips the update."
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return None
+
+    @staticmethod
+    def _scale(scaler, device):
+        """The scaler's current scale as a float32 0-d tensor on `device`, or None (no scaler, or a disabled one)."""
+        import torch
+
+        if scaler is None:
+            return None
+        if not (callable(getattr(scaler, "scale", None)) and callable(getattr(scaler, "is_enabled", None))):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler (e.g. torch.amp.GradScaler('cuda')), not "
+                            f"{type(scaler).__name__}.")
+        if not scaler.is_enabled():
+            return None
+        return scaler.scale(torch.ones((), dtype=torch.float32, device=device)).float()
+
+    @staticmethod
+    def _feature_shapes(features):
+        """The shapes the state is sized by with `features=`: the global batch's (the first axis times the number
+        of processes); checks that every process has the same shapes (else the gathered Jacobian would not line
+        up)."""
+        import torch
+
+        from keras_dbmtl.gradients import torch as backend
+
+        shapes = [tuple(int(d) for d in t.shape) for t in features]
+        if any(len(s) == 0 for s in shapes):
+            raise ValueError(f"features must have a batch axis (their first); got shapes {shapes}.")
+        world = backend.num_replicas()
+        if world == 1:
+            return shapes
+        import torch.distributed as dist
+
+        code = zlib.crc32(repr(shapes).encode())
+        both = torch.tensor([code, -code], dtype=torch.int64, device=features[0].device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)             # every process raises, or none
+        if int(both[0]) != -int(both[1]):
+            raise ValueError(f"features= with several processes needs the same features shapes on every process; "
+                             f"this one (rank {backend.replica_rank()}) has {shapes} and another differs: give "
+                             "every process a shard of the same size (keras_dbmtl.distributed.shard_batches, "
+                             "DataLoader(drop_last=True)).")
+        return [(s[0] * world,) + s[1:] for s in shapes]
 
     def _prepare(self, names, shapes):
         if not self.balancer.built:
@@ -339,6 +457,8 @@ class Balancer:
         reached."""
         shared_ids = {id(t) for t in shared}
         if given is not None:
+            if not self._shared_checked:
+                self._check_reached(shared, _reached_leaves(features if features is not None else values), features)
             flat = []
             for item in (given if not hasattr(given, "shape") else [given]):
                 flat.extend([item] if hasattr(item, "shape") else list(item))
@@ -349,17 +469,11 @@ class Balancer:
         reached = {}
         for leaves in per_task:
             reached.update(leaves)
-        if features is None:
-            unreached = [i for i, t in enumerate(shared) if id(t) not in reached]
-            if unreached:
-                shapes = [tuple(shared[i].shape) for i in unreached]
-                raise ValueError(f"shared_parameters {unreached} (shapes {shapes}) are not reached by any loss: pass "
-                                 "only parameters the losses depend on (frozen or unused layers out), e.g. "
-                                 "[p for p in trunk.parameters() if p.requires_grad].")
+        below = _reached_leaves(features) if features is not None else None
+        self._check_reached(shared, reached if features is None else below, features)
         own = [t for tid, t in reached.items() if tid not in shared_ids and t.requires_grad]
         if features is not None:
-            below = _reached_leaves(features)                 # the trunk's parameters get d_z, not head gradients
-            own = [t for t in own if id(t) not in below]
+            own = [t for t in own if id(t) not in below]  # the trunk's parameters get d_z, not head gradients
         several = [t for t in own if sum(id(t) in leaves for leaves in per_task) > 1]
         if several:
             # Exact for parameters that only one task really depends on (the others' gradients are zero): a
@@ -372,6 +486,20 @@ class Balancer:
                           "task_parameters= to silence this.", UserWarning, stacklevel=3)
         self._split = own
         return own
+
+    def _check_reached(self, shared, reached, features):
+        """Every shared parameter is among the `reached` leaves (of the losses; of the features with features=)."""
+        unreached = [i for i, t in enumerate(shared) if id(t) not in reached]
+        if unreached:
+            shapes = [tuple(shared[i].shape) for i in unreached]
+            if features is not None:
+                raise ValueError(f"shared_parameters {unreached} (shapes {shapes}) are not reached by the features: "
+                                 "with features=, pass the parameters the features depend on (the trunk's), or "
+                                 "leave shared_parameters out (then: every parameter the features reach).")
+            raise ValueError(f"shared_parameters {unreached} (shapes {shapes}) are not reached by any loss: pass "
+                             "only parameters the losses depend on (frozen or unused layers out), e.g. "
+                             "[p for p in trunk.parameters() if p.requires_grad].")
+        self._shared_checked = True
 
     @staticmethod
     def _accumulate(tensors, gradients):
@@ -422,48 +550,215 @@ class Balancer:
         return [torch.zeros((num,) + tuple(t.shape), dtype=torch.float32, device=t.device) if b is None
                 else b.float() for b, t in zip(blocks, wrt)]
 
-    def _gradient_level(self, task_losses, shared, task_params, features):
+    def _gradient_level(self, task_losses, shared, task_params, features, scale, names):
+        """The Jacobian (on the shared parameters, or on the features), the checks before the balancer sees it
+        (tasks without labels, unusable losses, NaN or inf), the balance, then the writes. Returns (task weights,
+        head weights), or, for a skipped step, the warning's message (None: a scaler's overflow, no warning)."""
         import torch
         from keras.src.backend.torch.core import get_device
 
         from keras_dbmtl.gradients import torch as backend
 
         transformed = task_losses.transformed
+        raw = task_losses.raw.detach()
+        num = int(transformed.shape[0])
+        differentiated = transformed if scale is None else transformed * scale
         wrt = features if features is not None else shared
-        blocks = self._jacobian(transformed, wrt)
+        blocks = self._jacobian(differentiated, wrt)
         learned = self.parameters()
-        learned_grads = self._grad(transformed.sum(), learned)
+        # The heads' gradients of sum_t tilde-l_t (the step's own when every head weight is 1) and the learned
+        # parameters', in one pull, checked with the Jacobian before the balancer runs.
+        pulled = self._grad(differentiated.sum(), list(task_params) + learned)
         if backend.num_replicas() > 1:
-            blocks = backend.replica_mean(blocks)
-            learned_grads = backend._replica_mean_list(learned_grads)
+            if features is not None:
+                blocks = self._gathered(blocks)
+                pulled = backend._replica_mean_list(pulled)
+            else:
+                reduced = backend._replica_mean_list(blocks + pulled)
+                blocks, pulled = reduced[: len(blocks)], reduced[len(blocks):]
+        if scale is not None:
+            blocks = [b.div_(scale.to(b.device)) for b in blocks]  # the balancer sees the unscaled Jacobian
+        own, learned_grads = pulled[: len(task_params)], pulled[len(task_params):]
+        row_max = self._row_max(blocks, num).to(raw.device)      # NaN or inf, or exactly 0: per task, one pass
+        candidates = torch.logical_and(raw == 0, row_max == 0)   # perhaps without labels (their own gradients?)
+        invalid = self.balancer.invalid_losses(raw).to(raw.device)
+        finite_rows = torch.isfinite(row_max)
+        present = [g for g in pulled if g is not None]
+        flags = [candidates.any(), invalid.any(), finite_rows.all()]
+        if present:
+            flags.append(self._all_finite(present).to(raw.device))
+        any_candidate, any_invalid, *finite = torch.stack(flags).tolist()  # one host transfer for every check
+
+        labelled = self._labelled(raw, candidates, differentiated, task_params) if any_candidate else None
+        if labelled is not None:
+            # As in fit: a task without labels is usable (it takes no part), unless no task has labels.
+            invalid = torch.logical_and(invalid, torch.logical_or(labelled, torch.logical_not(labelled.any())))
+            any_invalid = bool(invalid.any())
+        if any_invalid:
+            return self._unusable_losses_message(names, invalid)
+        if not all(finite):
+            if scale is not None:
+                return None                                     # an overflow: the scaler backs off
+            bad = [n for n, ok in zip(names, finite_rows.tolist()) if not ok]
+            return self._non_finite_message(f"in the Jacobian rows of tasks {bad}" if bad else
+                                            "in the task parameters' or the balancer's learned parameters' gradients")
+        self._check_learned_moved()
+
+        saved = None
+        if features is not None:
+            # The trunk's backward pass comes after the balancer: its state is restored if that pass overflows.
+            saved = backend.snapshot(self.balancer.variables)
         keras_device = get_device()
-        balanced = balancing.balance(self.balancer, task_losses, [b.to(keras_device) for b in blocks])
+        balanced = balancing.balance(self.balancer, task_losses, [b.to(keras_device) for b in blocks],
+                                     labelled=None if labelled is None else labelled.to(keras_device))
         directions = [d.to(t.device) for d, t in zip(balanced.shared, wrt)]
+        if features is not None and backend.num_replicas() > 1:
+            rank = backend.replica_rank()
+            directions = [d[rank * f.shape[0]: (rank + 1) * f.shape[0]] for d, f in zip(directions, features)]
+        if scale is not None:
+            directions = [d * scale.to(d.device) for d in directions]
         head_weights = balanced.head_weights
-        # Heads: one pull of sum_t h_t * transformed_t restricted to the non-shared parameters.
-        if task_params:
-            cotangent = torch.ones_like(transformed) if head_weights is None else \
-                head_weights.to(transformed.device, transformed.dtype)
-            own = self._grad(transformed, task_params, grad_outputs=cotangent)
+        if head_weights is not None and task_params:
+            # sum_t h_t * tilde-l_t restricted to the non-shared parameters: one more pull.
+            cotangent = head_weights.to(transformed.device, transformed.dtype)
+            own = self._grad(transformed, task_params, grad_outputs=cotangent if scale is None else cotangent * scale)
             own = backend._replica_mean_list(own)
-            self._accumulate(task_params, own)
         if features is not None:
             trunk = self._grad(features, shared, grad_outputs=[d.to(f.dtype) for d, f in zip(directions, features)])
-            self._accumulate(shared, trunk)
-        else:
-            self._accumulate(shared, directions)
+            if backend.num_replicas() > 1:
+                trunk = self._replica_sum(trunk)                # each process's rows of the global batch
+            directions = trunk
+        outputs = [g for g in list(directions) + list(own) if g is not None]
+        if outputs and not bool(self._all_finite(outputs)):
+            if saved is not None:
+                with torch.no_grad():
+                    for v, old in zip(self.balancer.variables, saved):
+                        v.value.copy_(old)
+            if scale is not None:
+                return None
+            return self._non_finite_message("in the balanced step (" + (
+                "the trunk's backward pass of the balanced direction; the balancer's state is restored)"
+                if features is not None else "the balancer's output from finite gradients; its state took the step)"))
+        self._accumulate(shared, directions)
+        self._accumulate(task_params, own)
         self._accumulate(learned, learned_grads)
         self._remember_learned(learned, learned_grads)
         return balanced.task_weights, head_weights
 
-    def _loss_level(self, task_losses, shared, task_params):
+    def _labelled(self, raw, candidates, differentiated, task_params):
+        """None when every task has labels in this batch, else (T,) bool, False for a task without labels: its raw
+        loss exactly 0 and every gradient of it (the Jacobian row, its own parameters') exactly 0, as `fit` decides
+        (`TaskJacobian.labelled`). `candidates`: the tasks whose loss and Jacobian row are exactly 0; their own
+        parameters' gradients are pulled here (one pull per candidate; rare)."""
+        import torch
+
         from keras_dbmtl.gradients import torch as backend
 
+        indices = candidates.nonzero().flatten().tolist()
+        unlabelled = torch.zeros_like(candidates)
+        if task_params:
+            largest = []
+            for t in indices:
+                grads = [g for g in self._grad(differentiated[t], task_params) if g is not None]
+                largest.append(self._row_max([g.reshape(1, -1).float() for g in grads], 1)[0] if grads else
+                               torch.zeros((), device=raw.device))
+            largest = backend.replica_mean(torch.stack([m.to(raw.device) for m in largest]))
+            for t, m in zip(indices, largest.tolist()):
+                unlabelled[t] = m == 0
+        else:
+            unlabelled[indices] = True
+        if not bool(unlabelled.any()):
+            return None
+        return torch.logical_not(unlabelled)
+
+    @staticmethod
+    def _row_max(blocks, num):
+        """(T,) max |entry| of each task's row over the (T, ...) blocks (NaN propagates; 0 for an all-zero row)."""
+        import torch
+
+        result = torch.zeros(num, dtype=torch.float32, device=blocks[0].device)
+        for b in blocks:
+            if b.numel():
+                flat = b.reshape(num, -1)
+                # max(amax, -amin): no |b| temporary, and 10x faster on the CPU than vector_norm(ord=inf)
+                row = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
+                result = torch.maximum(result, row.to(result.device))
+        return result
+
+    @staticmethod
+    def _all_finite(tensors):
+        """Whether every entry of `tensors` is finite (a 0-d bool tensor): their max |entry|, one fused
+        `_foreach_norm(ord=inf)` on a GPU; amax and amin per tensor on the CPU, where ord=inf is 10x slower."""
+        import torch
+
+        with torch.no_grad():
+            tensors = [t.detach() for t in tensors if t.numel()]
+            if not tensors:
+                return torch.ones((), dtype=torch.bool)
+            if tensors[0].device.type == "cuda":
+                largest = torch._foreach_norm(tensors, ord=float("inf"))
+            else:
+                largest = [torch.maximum(t.amax(), -t.amin()) for t in tensors]
+            device = largest[0].device
+            return torch.isfinite(torch.stack([m.float().to(device) for m in largest])).all()
+
+    @staticmethod
+    def _gathered(blocks):
+        """The global batch's representation Jacobian from every process's (T, b, ...) blocks: one all_gather,
+        the shards in rank order along the batch axis, divided by the number of processes (the global loss is the
+        mean of the processes' losses, whose value each one carries)."""
+        import torch
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        flat = torch.cat([b.reshape(-1) for b in blocks]).contiguous()
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, flat)
+        result, start = [], 0
+        for b in blocks:
+            size = b.numel()
+            result.append(torch.cat([p[start: start + size].reshape(b.shape) for p in parts], dim=1) / world)
+            start += size
+        return result
+
+    @staticmethod
+    def _replica_sum(tensors):
+        """The sum over the processes of a list of tensors (None entries kept), one flattened all_reduce per
+        dtype."""
+        import torch.distributed as dist
+
+        from keras_dbmtl.gradients import torch as backend
+
+        def total(flat):
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            return flat
+
+        return backend._flat_collective(tensors, total)
+
+    def _loss_level(self, task_losses, shared, task_params, scale):
+        """One backward pass of the combined loss; the balancer's state (which `combine` may advance: DWA's
+        history, RLW's random stream) is restored when a gradient is NaN or inf. Returns (task weights, None), or
+        the skip message (None: a scaler's overflow)."""
+        import torch
+
+        from keras_dbmtl.gradients import torch as backend
+
+        state = list(self.balancer.non_trainable_variables)
+        saved = backend.snapshot(state) if state else []
         combined, weights = balancing.combine(self.balancer, task_losses)
         learned = self.parameters()
         everything = unique(list(shared) + list(task_params) + learned)
-        grads = self._grad(combined, everything)
+        grads = self._grad(combined if scale is None else combined * scale.to(combined.device), everything)
         grads = backend._replica_mean_list(grads)
+        present = [g for g in grads if g is not None]
+        if present and not bool(self._all_finite(present)):
+            with torch.no_grad():
+                for v, old in zip(state, saved):
+                    v.value.copy_(old)
+            if scale is not None:
+                return None
+            return self._non_finite_message("in the combined loss's gradient")
+        self._check_learned_moved()
         self._accumulate(everything, grads)
         self._remember_learned(learned, grads[len(everything) - len(learned):])
         return weights, None
@@ -496,8 +791,8 @@ class Balancer:
         from keras_dbmtl.balancers import base
         from keras_dbmtl.gradients import torch as backend
 
-        if type(self.balancer).after_step is base.Balancer.after_step:
-            return
+        if type(self.balancer).after_step is base.Balancer.after_step or self.last_step_skipped:
+            return                                              # (fit runs no hook after a skipped step)
         if self.last_step is None:
             raise RuntimeError("after_step follows a backward: call balancer.backward(losses, ...) and "
                                "optimizer.step() first.")

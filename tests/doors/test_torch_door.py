@@ -2,9 +2,11 @@
 
 The model is tests/reference.py's: a linear trunk z = X W + b (torch.nn.Linear, shared) and linear heads
 pred_t = z v_t + c_t, MSE, torch.optim.SGD, the data of tests/test_training_matches_reference.py (losses spanning
-10^4). The references are numpy only: `reference.replay` (DB-MTL's Algorithm 1), the IMTL-G closed form of
-tests/balancers/test_imtl_g.py and PCGrad's Algorithm 1 of tests/balancers/test_pcgrad.py. Skipped unless Keras
-runs on torch.
+10^4). The references are numpy only: `reference.replay` (DB-MTL's Algorithm 1; skipped steps must leave it as
+it is), Algorithm 1 with tasks without labels in some batches (`_replay_dbmtl_with_unlabelled`, the semantics of
+`TaskJacobian.labelled`), the IMTL-G closed form of tests/balancers/test_imtl_g.py and PCGrad's Algorithm 1 of
+tests/balancers/test_pcgrad.py; `torch.amp.GradScaler` runs against the unscaled run, two gloo processes against
+one. Skipped unless Keras runs on torch.
 """
 
 import importlib.util
@@ -267,6 +269,263 @@ def test_compiled_model():
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
+# ---------------------------------------------------------------------- unusable steps, tasks without labels
+class _NaNGradient(torch.autograd.Function if keras.backend.backend() == "torch" else object):
+    """The identity, whose backward pass turns every non-zero cotangent into NaN (a zero one stays 0: the other
+    tasks' Jacobian rows stay finite, unlike with sqrt(0 * x), whose 0 * inf is NaN for every row)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.where(g == 0, g, torch.full_like(g, float("nan")))
+
+
+def _poison(losses, tensor, task="task1"):
+    """The losses with `task`'s gradient NaN through `tensor`, its value unchanged (+ y - y, y the identity)."""
+    y = _NaNGradient.apply(tensor.reshape(-1)[0])
+    return {**losses, task: losses[task] + (y - y.detach())}
+
+
+def test_a_non_finite_loss_or_gradient_skips_the_step():
+    # Skipped calls (NaN loss, NaN Jacobian row, NaN head gradient) between the steps of Algorithm 1 change nothing:
+    # the run equals the float64 replay without them (EMA and step counter included), .grad is left as it was.
+    X, Y = make_data()
+    net = Net()
+    W0, b0, heads0 = net.numpy_weights()
+    balancer = keras_dbmtl.torch.Balancer("dbmtl", beta=0.5, beta_sigma=0.5)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    Xt, Yt = torch.tensor(X), [torch.tensor(y) for y in Y]
+    poisons = {
+        1: (lambda z, losses: {**losses, "task2": losses["task2"] * float("nan")}, r"Unusable losses .*'task2'"),
+        2: (lambda z, losses: _poison(losses, z), r"Non-finite gradients .*Jacobian rows of tasks \['task1'\]"),
+        4: (lambda z, losses: _poison(losses, net.heads[0].weight, "task0"), "Non-finite gradients .*task param"),
+    }
+    for step, idx in enumerate(batches()):
+        if step in poisons:
+            poison, message = poisons[step]
+            optimizer.zero_grad()
+            state = balancer.state_dict()
+            z, losses = task_losses(net, Xt[idx], [y[idx] for y in Yt])
+            with pytest.warns(RuntimeWarning, match=message):
+                assert balancer.backward(poison(z, losses), shared_parameters=net.trunk.parameters()) is None
+            assert balancer.last_step_skipped
+            assert all(p.grad is None for p in net.parameters())          # nothing written
+            for key, value in balancer.state_dict().items():
+                assert torch.equal(value, state[key]), key
+            optimizer.step()                                              # moves nothing: every .grad is None
+        optimizer.zero_grad()
+        z, losses = task_losses(net, Xt[idx], [y[idx] for y in Yt])
+        balancer.backward(losses, shared_parameters=net.trunk.parameters())
+        assert not balancer.last_step_skipped
+        optimizer.step()
+    W, b, heads, ema, _ = reference.replay(X, Y, W0, b0, heads0, batches(), LR, "dbmtl", beta=0.5, beta_sigma=0.5)
+    assert_matches(net, W, b, heads)
+    state = keras.ops.convert_to_numpy(balancer.balancer.ema_gradients)
+    size = D_IN * D_HID
+    weight_part = state[:, :size].reshape(-1, D_HID, D_IN).transpose(0, 2, 1).reshape(-1, size)
+    np.testing.assert_allclose(np.concatenate([weight_part, state[:, size:]], axis=1), ema, rtol=2e-4, atol=1e-7)
+    assert int(keras.ops.convert_to_numpy(balancer.balancer.iterations)) == len(batches())
+    assert balancer.skipped_steps == len(poisons)
+    # Gradients already there (accumulation) stay as they were.
+    z, losses = task_losses(net, Xt[:BATCH], [y[:BATCH] for y in Yt])
+    balancer.backward(losses, shared_parameters=net.trunk.parameters())
+    before = [p.grad.clone() for p in net.parameters()]
+    z, losses = task_losses(net, Xt[:BATCH], [y[:BATCH] for y in Yt])
+    with pytest.warns(RuntimeWarning, match="Non-finite"):
+        assert balancer.backward(_poison(losses, z), shared_parameters=net.trunk.parameters()) is None
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), before))
+
+
+def test_a_non_finite_gradient_at_loss_level_restores_the_balancers_state():
+    # RLW draws its weights in combine_losses (the seed generator advances): a skipped step restores the stream, so
+    # the next step's weights are those of a balancer that never saw it.
+    X, Y = make_data()
+    x, ys = torch.tensor(X[:BATCH]), [torch.tensor(y[:BATCH]) for y in Y]
+    net = Net()
+    balancers = [keras_dbmtl.torch.Balancer("rlw", seed=3) for _ in range(2)]
+    weights = []
+    for poisoned, balancer in zip((True, False), balancers):
+        z, losses = task_losses(net, x, ys)
+        balancer.backward(losses, shared_parameters=net.trunk.parameters())   # built, one draw
+        if poisoned:
+            state = balancer.state_dict()
+            z, losses = task_losses(net, x, ys)
+            grads = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+            with pytest.warns(RuntimeWarning, match="Non-finite gradients .*combined loss"):
+                assert balancer.backward(_poison(losses, z), shared_parameters=net.trunk.parameters()) is None
+            for key, value in balancer.state_dict().items():
+                assert torch.equal(value, state[key]), key
+            assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
+        net.zero_grad()
+        z, losses = task_losses(net, x, ys)
+        weights.append(np.array([float(w) for w in balancer.backward(
+            losses, shared_parameters=net.trunk.parameters()).values()]))
+    np.testing.assert_array_equal(weights[0], weights[1])
+    assert balancers[0].skipped_steps == 1 and balancers[1].skipped_steps == 0
+    # FAMO's after_step hook does not run after a skipped step (as in fit).
+    famo = keras_dbmtl.torch.Balancer("famo")
+    z, losses = task_losses(net, x, ys)
+    famo.backward(losses, shared_parameters=net.trunk.parameters())
+    z, losses = task_losses(net, x, ys)
+    with pytest.warns(RuntimeWarning, match="Unusable losses"):
+        famo.backward({**losses, "task0": losses["task0"] * float("inf")}, shared_parameters=net.trunk.parameters())
+    state = famo.state_dict()
+    famo.after_step({k: v.detach() * 0.5 for k, v in losses.items()})
+    assert all(torch.equal(v, state[k]) for k, v in famo.state_dict().items())
+
+
+def masked_losses(net, x, ys, unlabelled=()):
+    """task_losses with a labelled-sample mask: a task in `unlabelled` has no label in the batch, its masked mean
+    loss is exactly 0 with a zero gradient."""
+    z, predictions = net(x)
+    losses = {}
+    for t, (p, y) in enumerate(zip(predictions, ys)):
+        mask = torch.zeros_like(y) if t in unlabelled else torch.ones_like(y)
+        losses[f"task{t}"] = (mask * (p - y) ** 2).sum() / mask.sum().clamp(min=1.0)
+    return z, losses
+
+
+def _replay_dbmtl_with_unlabelled(X, Y, W, b, heads, steps, unlabelled, lr, beta, beta_sigma, eps=1e-8):
+    """Algorithm 1 (float64) where the tasks of unlabelled[k] have no label at step k (TaskJacobian.labelled):
+    their EMA is kept, they are left out of alpha_k = max ||ema_t|| and of d, their heads do not move."""
+    T = len(heads)
+    ema = np.zeros((T, W.size + b.size))
+    for k, idx in enumerate(steps, start=1):
+        _, G, head_grads = reference.linear_mtl_gradients(X[idx], [y[idx] for y in Y], W, b, heads, True)
+        labelled = np.array([t not in unlabelled.get(k - 1, ()) for t in range(T)])
+        beta_k = beta / k**beta_sigma
+        ema = np.where(labelled[:, None], beta_k * ema + (1 - beta_k) * G, ema)
+        norms = np.linalg.norm(ema, axis=1)
+        w = np.where(labelled, norms[labelled].max() / (norms + eps), 0.0)
+        direction = w @ ema
+        W = W - lr * direction[: W.size].reshape(W.shape)
+        b = b - lr * direction[W.size:]
+        heads = [(v - lr * gv, c - lr * gc) if labelled[t] else (v, c)
+                 for t, ((v, c), (gv, gc)) in enumerate(zip(heads, head_grads))]
+    return W, b, heads, ema
+
+
+def test_a_task_without_labels_takes_no_part():
+    X, Y = make_data()
+    net = Net()
+    W0, b0, heads0 = net.numpy_weights()
+    balancer = keras_dbmtl.torch.Balancer("dbmtl", beta=0.5, beta_sigma=0.5)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    Xt, Yt = torch.tensor(X), [torch.tensor(y) for y in Y]
+    unlabelled = {1: (1,), 3: (1,), 4: (0, 2)}      # task1 twice (alpha_k is the max: task2's norm is the largest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)         # not an unusable loss: no warning
+        for step, idx in enumerate(batches()):
+            optimizer.zero_grad()
+            _, losses = masked_losses(net, Xt[idx], [y[idx] for y in Yt], unlabelled.get(step, ()))
+            weights = balancer.backward(losses, shared_parameters=net.trunk.parameters())
+            for t in unlabelled.get(step, ()):
+                assert float(weights[f"task{t}"]) == 0.0
+            optimizer.step()
+    W, b, heads, ema = _replay_dbmtl_with_unlabelled(X, Y, W0, b0, heads0, batches(), unlabelled, LR, 0.5, 0.5)
+    assert_matches(net, W, b, heads)
+    state = keras.ops.convert_to_numpy(balancer.balancer.ema_gradients)
+    size = D_IN * D_HID
+    weight_part = state[:, :size].reshape(-1, D_HID, D_IN).transpose(0, 2, 1).reshape(-1, size)
+    np.testing.assert_allclose(np.concatenate([weight_part, state[:, size:]], axis=1), ema, rtol=2e-4, atol=1e-7)
+    assert int(keras.ops.convert_to_numpy(balancer.balancer.iterations)) == len(batches())
+    # No task with labels: nothing to learn, the log of a zero loss is unusable: skipped.
+    _, losses = masked_losses(net, Xt[:BATCH], [y[:BATCH] for y in Yt], (0, 1, 2))
+    with pytest.warns(RuntimeWarning, match="Unusable losses"):
+        assert balancer.backward(losses, shared_parameters=net.trunk.parameters()) is None
+    # A zero loss whose gradient is not zero (a labelled task) stays unusable under the log transform.
+    _, losses = masked_losses(net, Xt[:BATCH], [y[:BATCH] for y in Yt])
+    losses["task1"] = losses["task1"] - losses["task1"].detach()
+    with pytest.warns(RuntimeWarning, match=r"Unusable losses for tasks \['task1'\]"):
+        assert balancer.backward(losses, shared_parameters=net.trunk.parameters()) is None
+
+
+# ---------------------------------------------------------------------- torch.amp.GradScaler
+def _train_with_scaler(method, level, scaler, steps, data=None, **kwargs):
+    """Door 3 with `backward(..., scaler=scaler)`, `scaler.step(optimizer)` and `scaler.update()` (plain
+    `optimizer.step()` without a scaler); returns the net, the balancer and what every backward returned."""
+    X, Y = data or make_data()
+    Xt, Yt = torch.tensor(X), [torch.tensor(y) for y in Y]
+    net = Net()
+    balancer = keras_dbmtl.torch.Balancer(method, **kwargs)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    results = []
+    for idx in steps:
+        optimizer.zero_grad()
+        z, losses = task_losses(net, Xt[idx], [y[idx] for y in Yt])
+        where = dict(features=z) if level == "features" else dict(shared_parameters=net.trunk.parameters())
+        results.append(balancer.backward(losses, scaler=scaler, **where))
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+    return net, balancer, results
+
+
+def _assert_same_run(net_a, balancer_a, net_b, balancer_b, rtol=1e-6):
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=rtol, atol=1e-7)
+    for (key, a), b in zip(balancer_a.state_dict().items(), balancer_b.state_dict().values()):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=1e-9, err_msg=key)
+
+
+@pytest.mark.parametrize("method,level", [("dbmtl", "parameters"), ("mgda", "features"), ("ew", "parameters")])
+def test_grad_scaler_steps_as_the_unscaled_run(method, level):
+    # Powers of two: the scaled-and-unscaled run is the unscaled one to rounding; the scale doubles at every step
+    # (scaler.update saw no inf). MGDA at the representation level: scaled head weights and trunk pass.
+    kwargs = dict(loss_transform="log")
+    steps = batches()[:3]
+    net, balancer, _ = _train_with_scaler(method, level, None, steps, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        scaled_net, scaled_balancer, results = _train_with_scaler(method, level, scaler, steps, **kwargs)
+    assert all(r is not None for r in results)
+    assert scaler.get_scale() == 2.0 ** (10 + len(steps))
+    _assert_same_run(scaled_net, scaled_balancer, net, balancer)
+
+
+def test_grad_scaler_overflow_skips_and_backs_off():
+    X, Y = make_data()
+    data = (X, [Y[0] * 0.01, Y[1], Y[2]])   # task0's loss ~0.26: 2^127 / 0.26, its log's cotangent, overflows
+    idx = batches()[0]
+    one_step, one_step_balancer, _ = _train_with_scaler("dbmtl", "parameters", None, [idx], data)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)           # an overflow: the scaler's business, no warning
+        net, balancer, results = _train_with_scaler("dbmtl", "parameters", scaler, [idx], data)
+        assert results == [None] and balancer.skipped_steps == 1 and balancer.last_step_skipped
+        assert scaler.get_scale() == 2.0**126                         # scaler.step skipped, scaler.update halved
+        assert int(keras.ops.convert_to_numpy(balancer.balancer.iterations)) == 0
+        assert not np.any(keras.ops.convert_to_numpy(balancer.balancer.ema_gradients))
+        for p, q in zip(net.parameters(), Net().parameters()):
+            assert torch.equal(p, q)                                   # nothing moved
+    # The skipped step changed nothing: overflow then step = the unscaled run's one step.
+    net, balancer, results = _train_with_scaler("dbmtl", "parameters", torch.amp.GradScaler(
+        "cpu", init_scale=2.0**127), [idx, idx], data)
+    assert results[0] is None and results[1] is not None
+    _assert_same_run(net, balancer, one_step, one_step_balancer)
+    # An unusable loss under a scaler: warned, and the scaler skips too.
+    x, ys = torch.tensor(X[idx]), [torch.tensor(y[idx]) for y in Y]
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    before = [p.detach().clone() for p in net.parameters()]
+    optimizer.zero_grad()
+    _, losses = task_losses(net, x, ys)
+    with pytest.warns(RuntimeWarning, match="Unusable losses .*scaler.step skips"):
+        assert balancer.backward({**losses, "task0": losses["task0"] * float("nan")}, scaler=scaler,
+                                 shared_parameters=net.trunk.parameters()) is None
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**125
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    with pytest.raises(TypeError, match="GradScaler"):
+        balancer.backward(losses, scaler=2.0**16, shared_parameters=net.trunk.parameters())
+
+
 # ---------------------------------------------------------------------- two processes (gloo)
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -321,6 +580,13 @@ def test_bad_input_names_the_fix(monkeypatch):
     z, losses = task_losses(net, x, ys)
     with pytest.raises(ValueError, match="not reached by any loss"):
         balancer.backward(losses, shared_parameters=[*net.trunk.parameters(), unused])
+    with pytest.raises(ValueError, match="not reached by any loss"):                 # with task_parameters= too
+        keras_dbmtl.torch.Balancer("dbmtl").backward(losses, shared_parameters=[*net.trunk.parameters(), unused],
+                                                     task_parameters=net.heads.parameters())
+    with pytest.raises(ValueError, match="not reached by the features"):
+        keras_dbmtl.torch.Balancer("mgda").backward(losses, features=z, shared_parameters=[unused])
+    with pytest.raises(ValueError, match="batch axis"):
+        keras_dbmtl.torch.Balancer("mgda").backward(losses, features=z.sum())
     z, losses = task_losses(net, x, ys)
     balancer.backward(losses, shared_parameters=net.trunk.parameters())
     z, losses = task_losses(net, x, ys)

@@ -4,8 +4,9 @@
         python tests/doors/torch_door_worker.py OUT.npz
 
 trains tests/doors/test_torch_door.py's plain torch model with door 3 (DB-MTL, gradient level; UW, loss level
-with learned parameters) on this process's shard of every global batch and writes the final parameters and
-balancer state to OUT.npz. `train_all()` without a process group is the one-process run on the global batches.
+with learned parameters; MGDA and DB-MTL at the representation level, `features=`) on this process's shard of every
+global batch and writes the final parameters and balancer state to OUT.npz. `train_all()` without a process group
+is the one-process run on the global batches.
 """
 
 import os
@@ -20,22 +21,29 @@ import torch  # noqa: E402
 import keras_dbmtl  # noqa: E402
 from keras_dbmtl import distributed  # noqa: E402
 from tests.doors.test_torch_door import Net, task_losses  # noqa: E402
-from tests.test_training_matches_reference import BATCH, EPOCHS, LR, make_data  # noqa: E402
+from tests.test_training_matches_reference import BATCH, D_HID, EPOCHS, LR, make_data  # noqa: E402
 
-BALANCERS = {"dbmtl": (dict(beta=0.9), LR), "uw": ({}, 1e-4)}
+# run name: (balancer, hyperparameters, learning rate, features=z instead of shared_parameters=)
+BALANCERS = {"dbmtl": ("dbmtl", dict(beta=0.9), LR, False), "uw": ("uw", {}, 1e-4, False),
+             "mgda_features": ("mgda", dict(loss_transform="log"), LR, True),
+             "dbmtl_features": ("dbmtl", dict(beta=0.5, beta_sigma=0.5), LR, True)}
 
 
 def train_all():
     X, Y = make_data()
     results = {}
     world = distributed.num_replicas()
-    for name, (kwargs, lr) in BALANCERS.items():
+    for name, (method, kwargs, lr, features) in BALANCERS.items():
         net = Net(seed=1 + distributed.replica_rank())           # different per rank: rank 0's is broadcast
         with torch.no_grad():
             for p, value in zip(net.parameters(), distributed.gradient_backends.broadcast_from_root(
                     list(net.parameters()))):
                 p.copy_(value)
-        balancer = keras_dbmtl.torch.Balancer(name, **kwargs).build(3, net.trunk.parameters())
+        balancer = keras_dbmtl.torch.Balancer(method, **kwargs)
+        if features:                            # this process's shapes: the state is sized by the global batch
+            balancer.build(3, features=torch.zeros(BATCH // world, D_HID))
+        else:
+            balancer.build(3, net.trunk.parameters())
         optimizer = torch.optim.SGD([*net.parameters(), *balancer.parameters()], lr=lr)
         x_local, y_local = distributed.shard_batches((X, Y), global_batch_size=BATCH)
         x_local, y_local = torch.tensor(x_local), [torch.tensor(y) for y in y_local]
@@ -43,8 +51,11 @@ def train_all():
         for _ in range(EPOCHS):
             for start in range(0, len(x_local), local):
                 optimizer.zero_grad()
-                _, losses = task_losses(net, x_local[start:start + local], [y[start:start + local] for y in y_local])
-                balancer.backward(losses, shared_parameters=net.trunk.parameters())
+                z, losses = task_losses(net, x_local[start:start + local], [y[start:start + local] for y in y_local])
+                if features:
+                    assert balancer.backward(losses, features=z) is not None
+                else:
+                    assert balancer.backward(losses, shared_parameters=net.trunk.parameters()) is not None
                 optimizer.step()
         for i, p in enumerate(net.parameters()):
             results[f"{name}/parameter{i}"] = p.detach().numpy().copy()
