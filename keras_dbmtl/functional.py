@@ -9,6 +9,7 @@ task's output back to the model's inputs gives the layers the task's output depe
     task_dependencies(model)         dict task -> the layers (operations) its output depends on
     split_variables(model, ...)      the shared variables (used by two tasks or more) and each task's own
     shared_representation(model, shared)   the last tensor through which every shared variable reaches the outputs
+                                     (called with `common_variables(split)`, those every task uses)
     encoder_decoder(model, tensor)   two functional models that share the model's layers: inputs -> tensor, and
                                      tensor (plus the inputs that bypass it) -> outputs
 
@@ -221,6 +222,14 @@ def _check_shared(model, shared_variables, users):
             "shared_variables out: the graph gives the shared variables)."
         )
     return shared_ids
+
+
+def common_variables(split):
+    """The shared variables that every task's output depends on (the trunk's), in the split's order: the
+    representation is found for them; a shared variable some tasks only use (a tower after the branch) lies after
+    it, in the decoder."""
+    tasks = set(split.task)
+    return [v for v in split.shared if set(split.users.get(id(v), ())) == tasks]
 
 
 def shared_representation(model, shared_variables, representation=None):

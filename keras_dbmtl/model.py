@@ -190,7 +190,8 @@ class MultiTaskModel(keras.Model):
             shared_config=None if shared is None else functional.variable_references(network, shared),
             representation=functional.representation_name(network, representation)))
         if representation is not None:
-            functional.shared_representation(network, self._graph.split.shared, self._graph.representation)
+            functional.shared_representation(network, functional.common_variables(self._graph.split),
+                                             self._graph.representation)
 
     def _init_subclassed(self, network, shared_variables, representation, task_names, others):
         """The subclassed form: `self.network` (a model whose call returns {task: output}), the shared variables
@@ -254,7 +255,8 @@ class MultiTaskModel(keras.Model):
         (`keras_dbmtl.functional.encoder_decoder`), made once."""
         graph = self._graph
         if graph.parts is None:
-            z = functional.shared_representation(self.network, graph.split.shared, graph.representation)
+            z = functional.shared_representation(self.network, functional.common_variables(graph.split),
+                                                 graph.representation)
             parts = functional.encoder_decoder(self.network, z)
             if any(getattr(layer, "activity_regularizer", None) is not None
                    for layer in parts[0]._flatten_layers(include_self=False)):
@@ -357,12 +359,25 @@ class MultiTaskModel(keras.Model):
         return [v for v in self.encoder.trainable_variables if id(v) not in owned]
 
     def unowned_variables(self):
-        """The subclassed form's trainable variables outside `shared_variables` (no graph says which task uses
-        them): each gets sum_t h_t grad l_t over the tasks whose loss reaches it. Empty in the other forms."""
-        if self.network is None or not self._graph.subclassed:
+        """Variables the step gives sum_t h_t grad l_t over the tasks whose loss reaches them (h_t the method's head
+        weight), from the task Jacobian's own rows, instead of a balanced direction or one task's gradient:
+
+        - the subclassed form's trainable variables outside `shared_variables` (no graph says which task uses
+          them);
+        - the functional form under `task_gradients="representation"`: the shared variables after the
+          representation (a tower some tasks share), which the representation's direction does not reach.
+
+        Empty otherwise."""
+        if self.network is None:
             return []
-        shared = {id(v) for v in self.shared_variables()}
-        return [v for v in self.network.trainable_variables if id(v) not in shared]
+        if self._graph.subclassed:
+            shared = {id(v) for v in self.shared_variables()}
+            return [v for v in self.network.trainable_variables if id(v) not in shared]
+        if (getattr(self, "_task_gradients", None) != "representation" or self.balancer is None
+                or not self.balancer.uses_task_gradients):
+            return []
+        encoded = {id(v) for v in self._functional_parts()[0].trainable_variables}
+        return [v for v in self._graph.split.shared if id(v) not in encoded]
 
     # ------------------------------------------------------------------ compile
     def compile(

@@ -78,8 +78,9 @@ def prepare(model, data):
         model.optimizer.build(model.trainable_variables)
     task_variables = model.task_variables()
     groups = [task_variables[t] for t in model.task_names]
-    shared, extra = model.shared_variables(), list(model.balancer.trainable_variables)
-    unowned = model.unowned_variables()
+    extra, unowned = list(model.balancer.trainable_variables), model.unowned_variables()
+    unowned_ids = {id(v) for v in unowned}
+    shared = [v for v in model.shared_variables() if id(v) not in unowned_ids]
     flat = shared + [v for group in groups for v in group] + unowned + extra
     return Batch(x, y, sample_weight), StepVariables(shared, groups, extra, flat, unowned)
 
@@ -130,7 +131,7 @@ def _representation_gradients(model, batch, variables, scaling):
         return scaling.scale(forward.losses.transformed), scaling.scale(forward.regularization), forward
 
     result = gradient_backends.representation_gradients(encode, decode, variables.shared, variables.task_groups,
-                                                        variables.extra, model._vectorize)
+                                                        variables.extra, model._vectorize, variables.unowned)
 
     def to_shared(cotangent):
         return [scaling.unscale(g) for g in result.to_shared(scaling.scale(cotangent))]

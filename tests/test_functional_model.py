@@ -214,7 +214,12 @@ def test_representation_with_an_input_that_bypasses_it():
 
 
 def test_representation_level_needs_a_tensor_every_shared_variable_passes():
-    x, outputs = branching(branching_layers())            # the tower (a, b) lies after the branch to c
+    # A skip connection around the trunk's last layer: no tensor carries every trunk variable to task c.
+    x = keras.Input((D_IN,), name="x")
+    first = layers.Dense(8, activation="tanh", name="trunk")(x)
+    last = layers.Dense(8, activation="tanh", name="last")(first)
+    outputs = {"a": layers.Dense(1, name="a")(last),
+               "c": layers.Dense(1, name="c")(layers.Concatenate(name="around")([first, last]))}
     model = keras_dbmtl.MultiTaskModel(inputs=x, outputs=outputs)
     with pytest.raises(ValueError, match="no single tensor through which every shared variable"):
         model.compile(loss="mse", balancer="mgda", task_gradients="representation")
@@ -222,6 +227,78 @@ def test_representation_level_needs_a_tensor_every_shared_variable_passes():
         keras_dbmtl.MultiTaskModel(inputs=x, outputs=outputs, representation="trunk")
     with pytest.raises(ValueError, match="names no layer"):
         keras_dbmtl.MultiTaskModel(inputs=x, outputs=outputs, representation="nope")
+
+
+def _min_norm_weights(gram):
+    from scipy.optimize import minimize
+
+    num = len(gram)
+    result = minimize(lambda w: w @ gram @ w, np.full(num, 1.0 / num), jac=lambda w: 2 * gram @ w, method="SLSQP",
+                      bounds=[(0.0, 1.0)] * num, constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}],
+                      options={"ftol": 1e-15, "maxiter": 500})
+    return result.x
+
+
+def test_representation_level_with_a_tower_after_the_branch_against_numpy():
+    """The branching graph's representation is the trunk's output h (every task passes through it); the tower
+    that a and b share lies after it. MGDA-UB (no normalisation), one SGD step, against float64 numpy backprop
+    written from the network's equations: the weights w = min-norm point of the Gramian of dl_t/dh (SLSQP), the
+    trunk gets the pull-back of sum_t w_t dl_t/dh, the tower sum_t w_t dl_t/dtower (MGDA's head weights are its
+    weights), each head w_t dl_t/dhead. Losses about 1e4 apart."""
+    keras.utils.set_random_seed(5)
+    x = keras.Input((D_IN,), name="x")
+    trunk, tower = layers.Dense(8, activation="tanh", name="trunk"), layers.Dense(6, activation="tanh", name="tower")
+    heads = {"a": layers.Dense(1, name="a"), "b": layers.Dense(1, name="b"), "c": layers.Dense(1, name="c")}
+    h = trunk(x)
+    t = tower(h)
+    outputs = {"a": heads["a"](t), "b": heads["b"](t), "c": heads["c"](layers.Concatenate(name="skip")([h, x]))}
+    model = keras_dbmtl.MultiTaskModel(inputs=x, outputs=outputs)
+    lr = 0.01
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse",
+                  balancer=keras_dbmtl.balancers.MGDA(normalization="none"), task_gradients="representation")
+    assert model._functional_parts()[0].output._keras_history.operation.name == "trunk"
+    assert [v.path for v in model.unowned_variables()] == [v.path for v in tower.trainable_variables]
+    X, Y = data(tasks=("a", "b", "c"))
+    X, Y = X[:BATCH].astype(np.float64), {k: v[:BATCH].astype(np.float64) for k, v in Y.items()}
+    (W1, b1), (W2, b2) = [np.asarray(w, np.float64) for w in trunk.get_weights()], \
+        [np.asarray(w, np.float64) for w in tower.get_weights()]
+    head_w = {k: [np.asarray(w, np.float64) for w in layer.get_weights()] for k, layer in heads.items()}
+
+    hv = np.tanh(X @ W1 + b1)
+    tv = np.tanh(hv @ W2 + b2)
+    inputs_of = {"a": tv, "b": tv, "c": np.concatenate([hv, X], axis=1)}
+    residual = {k: inputs_of[k] @ head_w[k][0] + head_w[k][1] - Y[k] for k in heads}
+    losses = {k: float(np.mean(residual[k] ** 2)) for k in heads}
+    assert max(losses.values()) / min(losses.values()) > 1e3
+    d_out = {k: 2.0 * residual[k] / BATCH for k in heads}                  # dl_k/d(output_k), (B, 1)
+    d_t = {k: d_out[k] @ head_w[k][0].T for k in ("a", "b")}               # dl_k/dt
+    d_pre_t = {k: d_t[k] * (1.0 - tv ** 2) for k in ("a", "b")}
+    d_h = {k: d_pre_t[k] @ W2.T for k in ("a", "b")}
+    d_h["c"] = d_out["c"] @ head_w["c"][0][:8].T
+    jacobian = np.stack([d_h[k].ravel() for k in ("a", "b", "c")])
+    w = _min_norm_weights(jacobian @ jacobian.T)
+    direction = sum(w[i] * d_h[k] for i, k in enumerate(("a", "b", "c")))
+    d_pre_h = direction * (1.0 - hv ** 2)
+    expected = {
+        "trunk": [W1 - lr * X.T @ d_pre_h, b1 - lr * d_pre_h.sum(0)],
+        "tower": [W2 - lr * sum(w[i] * hv.T @ d_pre_t[k] for i, k in enumerate(("a", "b"))),
+                  b2 - lr * sum(w[i] * d_pre_t[k].sum(0) for i, k in enumerate(("a", "b")))],
+    }
+    for i, k in enumerate(("a", "b", "c")):
+        expected[k] = [head_w[k][0] - lr * w[i] * inputs_of[k].T @ d_out[k],
+                       head_w[k][1] - lr * w[i] * d_out[k].sum(0)]
+    model.train_on_batch(X[:BATCH].astype("float32"), {k: v.astype("float32") for k, v in Y.items()})
+    for name, layer in [("trunk", trunk), ("tower", tower)] + list(heads.items()):
+        for got, want, before in zip(layer.get_weights(), expected[name], layer_weights_before(name, W1, b1, W2, b2,
+                                                                                            head_w)):
+            step = np.abs(want - before).max()
+            assert step > 0 or name in ("a", "b", "c")
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(step, 1e-12) + 1e-7,
+                                       err_msg=f"{name}: weights after the step")
+
+
+def layer_weights_before(name, W1, b1, W2, b2, head_w):
+    return {"trunk": [W1, b1], "tower": [W2, b2]}.get(name) or head_w[name]
 
 
 # ---------------------------------------------------------------- from_model

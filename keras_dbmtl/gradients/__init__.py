@@ -284,14 +284,16 @@ def _jacobian_blocks(pull, losses, regularization, num_shared, vectorize, indice
 
 
 def representation_gradients(encode, decode, shared_variables, task_variables, extra_variables=(),
-                             vectorize=None):
+                             vectorize=None, unowned_variables=()):
     """Per-task gradients of the representation (MGDA-UB; keras_dbmtl.task_gradients).
 
     encode() -> the representation z, run once (one graph through the encoder); decode(z) -> (task_losses (T,),
     regularization_loss, aux), run once. Returns `TaskGradients` whose `shared_blocks` is one (T, *z.shape) block,
     the Jacobian of the task losses with respect to z (backward passes through the heads only), and whose
     `to_shared(cotangent)` gives the shared variables' gradients of <cotangent, z> (one backward pass through the
-    encoder). Heads, extra and regularisation gradients as in `task_gradients`. One replica only.
+    encoder). `unowned_variables` (decoder variables several tasks use, e.g. a tower after the branch): their
+    (T, *shape) Jacobian blocks from the same pulls (`unowned_blocks`). Heads, extra and regularisation
+    gradients as in `task_gradients`. One replica only.
     """
     module = backend_module()
     if num_replicas() > 1:
@@ -299,8 +301,14 @@ def representation_gradients(encode, decode, shared_variables, task_variables, e
                          "'parameters' with data parallelism.")
     vectorize = default_vectorize(module) if vectorize is None else vectorize
     shared, groups, extra = list(shared_variables), [list(g) for g in task_variables], list(extra_variables)
+    unowned = list(unowned_variables)
     (z,), _, pull_encoder = module.pullback(lambda: ((encode(),), None), shared)
-    everything = shared + [v for group in groups for v in group] + extra
+    owned = [v for group in groups for v in group]
+    everything = shared + owned + unowned + extra
+    first_unowned = len(shared) + len(owned)
+    unowned_indices = list(range(first_unowned, first_unowned + len(unowned)))
+    own_indices = list(range(len(shared), first_unowned)) + list(range(first_unowned + len(unowned),
+                                                                           len(everything)))
     has_regularization = []
 
     def outputs(representation):
@@ -309,8 +317,9 @@ def representation_gradients(encode, decode, shared_variables, task_variables, e
         return (losses, ops.cast(regularization, losses.dtype)), aux
 
     (losses, regularization), aux, pull = module.pullback(outputs, everything, inputs=[z])
-    blocks = _jacobian_blocks(pull, losses, regularization, 0, vectorize, indices=[len(everything)])
-    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), range(len(shared), len(everything)))
+    blocks = _jacobian_blocks(pull, losses, regularization, 0, vectorize,
+                              indices=[len(everything)] + unowned_indices)
+    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), own_indices)
     if has_regularization[0]:
         reg_grads = pull((ops.zeros_like(losses), ops.ones_like(regularization)), range(len(everything)))
     else:
@@ -320,4 +329,5 @@ def representation_gradients(encode, decode, shared_variables, task_variables, e
     def to_shared(cotangent):
         return pull_encoder((ops.cast(cotangent, z.dtype),), range(len(shared)))
 
-    return TaskGradients(aux, losses, list(blocks), parts[:-1], parts[-1], list(reg_grads), to_shared=to_shared)
+    return TaskGradients(aux, losses, [blocks[0]], parts[:-1], parts[-1], list(reg_grads), to_shared=to_shared,
+                         unowned_blocks=list(blocks[1:]) if unowned else None)
