@@ -17,13 +17,20 @@ scalar to differentiate once and the task weights (`combine`).
 
 What a front door reads of a balancer (the protocol; `keras_dbmtl.balancers.base.Balancer` implements it):
 
-    build(num_tasks, num_shared_parameters, task_names, shared_shapes)    state, sized once
+    build(num_tasks, num_shared_parameters, task_names, shared_shapes)    state, sized once; then `num_tasks`,
+                                            `task_names`, `shared_shapes` say what it was built for
     uses_task_gradients                     gradient level (True: `aggregate`) or loss level (`combine_losses`)
-    task_losses(raw) -> TaskLosses;  invalid_losses(raw) -> (T,) bool
+    task_losses(raw) -> TaskLosses (`transform_losses(raw)`: its transformed part);  invalid_losses(raw) -> (T,) bool
     aggregate(losses, task_jacobian) -> Aggregation   |   combine_losses(losses) -> (loss, weights)
     trainable_variables                     learned balancer parameters (UW, IMTL, IMTL-L, GradNorm): they get
                                             the gradient of sum_t transformed_t and the network's optimizer
     after_step(raw, losses_after), on_epoch_end(epoch)                   hooks (FAMO, DWA)
+    variables, non_trainable_variables, built                            its state, as a Keras layer's (the step
+                                            snapshots it to skip an unusable step and between amortised refreshes)
+    accepts_loss_weights, loss_transform    read by `MultiTaskModel.compile` only (`loss_weights=`)
+    name, get_config / from_config          `compile`: a fresh copy of an object already in another model
+
+Nothing else: `keras_dbmtl/train_step.py` and the doors read these members and no others.
 """
 
 import collections
