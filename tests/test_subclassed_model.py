@@ -12,6 +12,7 @@ import pytest
 from keras import layers
 
 import keras_dbmtl
+from tests.test_functional_model import Head
 
 D_IN, N, BATCH = 5, 48, 16
 TASKS = ("a", "b", "c")
@@ -31,18 +32,6 @@ class ThreeTaskNet(keras.Model):
         h = self.trunk(x)
         t = self.tower(h)
         return {"a": self.heads["a"](t), "b": self.heads["b"](t), "c": self.heads["c"](h)}
-
-
-class Head(keras.layers.Layer):
-    def __init__(self, index, stack, **kwargs):
-        super().__init__(**kwargs)
-        self.index, self.stack = index, list(stack)
-
-    def call(self, features):
-        y = features[self.index]
-        for layer in self.stack:
-            y = layer(y)
-        return y
 
 
 def data(seed=0):

@@ -193,6 +193,20 @@ def _one_output(result):
     return (loss,), aux
 
 
+def _layout(shared_variables, task_variables, unowned_variables, extra_variables):
+    """The step's variables in the order of every gradient list (shared, each task's own, unowned, extra), and
+    the indices of the unowned ones (Jacobian rows) and of the owned and extra ones (one pull of the sum)."""
+    shared, groups = list(shared_variables), [list(g) for g in task_variables]
+    unowned, extra = list(unowned_variables), list(extra_variables)
+    owned = [v for group in groups for v in group]
+    everything = shared + owned + unowned + extra
+    first_unowned = len(shared) + len(owned)
+    after_unowned = first_unowned + len(unowned)
+    unowned_indices = list(range(first_unowned, after_unowned))
+    own_indices = list(range(len(shared), first_unowned)) + list(range(after_unowned, len(everything)))
+    return shared, groups, unowned, extra, everything, unowned_indices, own_indices
+
+
 def task_gradients(forward, shared_variables, task_variables, extra_variables=(), vectorize=None, amortise=None,
                    unowned_variables=()):
     """forward() -> (task_losses (T,), regularization_loss, aux), run once. Returns `TaskGradients`.
@@ -209,17 +223,11 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables=()
     """
     module = backend_module()
     vectorize = default_vectorize(module) if vectorize is None else vectorize
-    shared, groups, extra = list(shared_variables), [list(g) for g in task_variables], list(extra_variables)
-    unowned = list(unowned_variables)
+    shared, groups, unowned, extra, everything, unowned_indices, own_indices = _layout(
+        shared_variables, task_variables, unowned_variables, extra_variables)
     if amortise is not None and unowned:
         raise ValueError("task_gradients_every > 1 needs each non-shared variable's task: not available with "
                          "variables outside shared_variables whose task is unknown (a subclassed model).")
-    owned = [v for group in groups for v in group]
-    everything = shared + owned + unowned + extra
-    first_unowned = len(shared) + len(owned)
-    unowned_indices = list(range(first_unowned, first_unowned + len(unowned)))
-    own_indices = list(range(len(shared), first_unowned)) + list(range(first_unowned + len(unowned),
-                                                                           len(everything)))
     has_regularization = []
 
     def outputs():
@@ -300,15 +308,9 @@ def representation_gradients(encode, decode, shared_variables, task_variables, e
         raise ValueError("task_gradients='representation' runs on one replica only: use task_gradients="
                          "'parameters' with data parallelism.")
     vectorize = default_vectorize(module) if vectorize is None else vectorize
-    shared, groups, extra = list(shared_variables), [list(g) for g in task_variables], list(extra_variables)
-    unowned = list(unowned_variables)
+    shared, groups, unowned, extra, everything, unowned_indices, own_indices = _layout(
+        shared_variables, task_variables, unowned_variables, extra_variables)
     (z,), _, pull_encoder = module.pullback(lambda: ((encode(),), None), shared)
-    owned = [v for group in groups for v in group]
-    everything = shared + owned + unowned + extra
-    first_unowned = len(shared) + len(owned)
-    unowned_indices = list(range(first_unowned, first_unowned + len(unowned)))
-    own_indices = list(range(len(shared), first_unowned)) + list(range(first_unowned + len(unowned),
-                                                                           len(everything)))
     has_regularization = []
 
     def outputs(representation):
