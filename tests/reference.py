@@ -62,3 +62,26 @@ def replay(X, Y, W, b, heads, batches, lr, method, beta=0.9, beta_sigma=0.0, sca
         b = b - lr * grad_b
         heads = [(v - lr * gv, c - lr * gc) for (v, c), (gv, gc) in zip(heads, head_grads)]
     return W, b, heads, ema, np.array(weights_per_step)
+
+
+def dbmtl_replay_with_labels(X, Y, W, b, heads, order, labelled, lr, beta, beta_sigma, eps=1e-8):
+    """Algorithm 1 in float64 (SGD) where task t has no labels at step k when `labelled[k][t]` is False: its raw loss
+    and gradients are 0, so ema_t keeps its value (Eq. 1 is for the tasks with data), alpha_k = max_t ||ema_t|| and
+    the sum of Eq. 2 run over the labelled tasks, and its head is not moved; k counts every step. Returns
+    (W, b, heads, ema, per-step task weights)."""
+    W, b = W.astype(np.float64), b.astype(np.float64)
+    heads = [(v.astype(np.float64), c.astype(np.float64)) for v, c in heads]
+    ema = np.zeros((len(heads), W.size + b.size))
+    weights = []
+    for k, (idx, mask) in enumerate(zip(order, labelled), start=1):
+        mask = np.asarray(mask, bool)
+        _, G, head_grads = linear_mtl_gradients(X[idx], [y[idx] for y in Y], W, b, heads, True, eps)
+        beta_k = beta / k**beta_sigma
+        ema = np.where(mask[:, None], beta_k * ema + (1 - beta_k) * G, ema)
+        norms = np.linalg.norm(ema, axis=1)
+        w = np.where(mask, norms[mask].max() / (norms + eps), 0.0)
+        direction = w @ ema
+        W, b = W - lr * direction[: W.size].reshape(W.shape), b - lr * direction[W.size:]
+        heads = [(v - lr * gv, c - lr * gc) if on else (v, c) for (v, c), (gv, gc), on in zip(heads, head_grads, mask)]
+        weights.append(w)
+    return W, b, heads, ema, np.array(weights)

@@ -36,11 +36,27 @@ The contract, for any pytree of shared parameters $\\theta$ and $T$ tasks:
 - `tx.update_with_info(...)` returns the same and more (an `Update`): the task weights, the head weights (each
   task's own gradients are multiplied by `head_weights[t]`: MGDA, GradNorm, Nash-MTL, FairGrad, ExcessMTL, and
   every loss-level method, whose head weight is $\\partial L / \\partial \\tilde\\ell_t$), the gradients of the
-  balancer's learned parameters, and whether the step is usable.
+  balancer's learned parameters, and whether the step was applied.
 
-What `fit` does that this door leaves to you: skipping an unusable step (`Update.usable` says whether it is; e.g.
-`optax.apply_if_finite` or a `jax.lax.cond`), partial labels (every task takes part in every step), the epoch
-hooks (`tx.on_epoch_end`, eagerly, between epochs) and FAMO's second forward pass (`tx.after_step`).
+An unusable step (a raw loss or a task gradient that is NaN or inf, or a loss the log transform cannot take) is
+not applied, as in `fit`: `update` returns a zero direction and the state it was given, with a select (no Python
+branch, so it stays jittable), and `Update.applied` is False. Skip the optimizer on it too, since a zero gradient
+still moves Adam's moments and momentum, and the heads' own gradients may be NaN there:
+
+```python
+updates, new_opt_state = optimizer.update(grads, opt_state, params)
+keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(update.applied, n, o), new, old)
+params, opt_state = keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
+```
+
+A task without labels in the batch (its raw loss exactly 0 and its rows of `task_gradients` exactly 0: no
+labelled sample, or a sample weight of 0 over the batch) takes no part in a gradient-level step, as in `fit`: the
+door passes the `labelled` mask to the balancing core (DB-MTL keeps that task's EMA and leaves it out of
+$\\alpha_k$ and the sum; the min-norm methods leave it out of the min-norm point).
+
+What `fit` does that this door leaves to you: skipping the optimizer on an unapplied step (above), the epoch
+hooks (`tx.on_epoch_end`, eagerly, between epochs) and FAMO's second forward pass (`tx.after_step`, on applied
+steps only).
 """
 
 import collections
@@ -68,8 +84,9 @@ class BalancerState(collections.namedtuple("BalancerState", ["variables"])):
 
 
 class Update(collections.namedtuple(
-        "Update", ["direction", "state", "task_weights", "head_weights", "balancer_gradients", "usable"])):
-    """What `BalancerTransformation.update_with_info` returns.
+        "Update", ["direction", "state", "task_weights", "head_weights", "balancer_gradients", "applied"])):
+    """What `BalancerTransformation.update_with_info` returns. On a step that is not applied (`applied` False)
+    every array but `state` is zeros and `state` is the state given to `update`.
 
     Attributes:
         direction: the balanced direction $d$ for the shared parameters, with their structure and dtypes; apply it
@@ -85,9 +102,17 @@ class Update(collections.namedtuple(
             `log_variances`, IMTL's and IMTL-L's `scales`, GradNorm's `logits`), as `fit` computes them: of the
             combined loss (loss level) or of $\\sum_t \\tilde\\ell_t$ (gradient level). Empty for the others. Apply
             them with `BalancerTransformation.balancer_params` / `replace_balancer_params`.
-        usable: a bool scalar: every loss is usable by the balancer (finite; positive under the log transform)
-            and every task gradient is finite. `fit` skips a step where this is False; here you decide.
+        applied: a bool scalar: the step is usable and was applied to `state`: every raw loss is finite (and
+            positive under the log transform, except a task without labels), every task gradient is finite, and
+            so is what the balancer returned. Where it is False, skip the optimizer too (`jnp.where` on it, see
+            the module docstring); `optax.apply_if_finite` does not see it by itself, since the zero direction is
+            finite.
     """
+
+    @property
+    def usable(self):
+        """The name of `applied` in version 0.1.0."""
+        return self.applied
 
 
 def _check_backend():
@@ -135,6 +160,7 @@ class BalancerTransformation:
     """
 
     def __init__(self, balancer):
+        _check_backend()
         if not isinstance(balancer, balancer_base.Balancer):
             raise TypeError(f"BalancerTransformation takes a keras_dbmtl.balancers.Balancer, not "
                             f"{type(balancer).__name__}; use keras_dbmtl.jax.balancer(name_or_object).")
@@ -301,24 +327,38 @@ class BalancerTransformation:
 
         Returns:
             `(direction, state)`: the direction for the shared parameters (their structure and dtypes), to apply
-            as a gradient, and the next state. `update_with_info` returns the head weights and the rest too.
+            as a gradient, and the next state. On an unusable step (a NaN or inf loss or task gradient, a loss
+            the log transform cannot take) every leaf of `direction` is zeros and `state` is returned unchanged;
+            `update_with_info` says so (`Update.applied`) and returns the head weights and the rest too.
+
+        Raises:
+            ValueError: before `init`; `task_gradients` of another structure than the shared parameters given to
+                `init`, or a leaf without the leading task axis; losses that are not $T$ scalars (or a dict
+                with other task names); a state not made by this transformation's `init` (other variables or
+                shapes).
+            TypeError: a `state` that is not a `BalancerState`.
         """
         result = self.update_with_info(task_gradients, state, losses)
         return result.direction, result.state
 
     def update_with_info(self, task_gradients, state, losses):
         """`update`, returning an `Update` (direction, state, task weights, head weights, balancer gradients,
-        usable). Same arguments and errors as `update`.
+        applied). Same arguments and errors as `update`.
 
         Gradient-level methods run the balancer's `aggregate` on the Jacobian (DB-MTL's Algorithm 1: the EMA
-        of each $J_t$, normalised, summed and rescaled by $\\alpha_k$); loss-level methods form
-        $d = \\sum_t w_t J_t$ with $w_t = \\partial L / \\partial \\tilde\\ell_t$ of their combined loss $L$
-        (differentiated with `jax.grad`, exact for a nonlinear combination such as GLS), the direction `fit` gets
-        by differentiating $L$ itself.
+        of each $J_t$, normalised, summed and rescaled by $\\alpha_k$), with the tasks without labels in the batch
+        left out (`TaskJacobian.labelled`); loss-level methods form $d = \\sum_t w_t J_t$ with
+        $w_t = \\partial L / \\partial \\tilde\\ell_t$ of their combined loss $L$ (differentiated with `jax.grad`,
+        exact for a nonlinear combination such as GLS), the direction `fit` gets by differentiating $L$ itself.
+        An unusable step runs on zeros in place of its losses and Jacobian (no NaN reaches a solver) and is then
+        discarded by a select: zeros out, the input state back, `applied` False.
         """
         state = self._checked_state(state)
         raw = self._loss_vector(losses, "losses")
         blocks = self._checked_task_gradients(task_gradients)
+        usable, labelled = self._usable(raw, blocks)
+        raw = jnp.where(usable, raw, jnp.zeros_like(raw))
+        blocks = [jnp.where(usable, block, jnp.zeros_like(block)) for block in blocks]
         values = state.variables
         params = {name: values[name] for name in self._trainable}
         if self.uses_task_gradients:
@@ -329,10 +369,11 @@ class BalancerTransformation:
             transformed = self._transform(values, raw)
 
             def run():
-                result = balancing.balance(self.balancer, balancer_base.TaskLosses(raw, transformed), blocks)
+                result = balancing.balance(self.balancer, balancer_base.TaskLosses(raw, transformed), blocks,
+                                           labelled=labelled)
                 return result.shared, result.task_weights, result.head_weights
 
-            (shared, task_weights, head_weights), state = self._run(values, run)
+            (shared, task_weights, head_weights), next_state = self._run(values, run)
             if head_weights is None:
                 head_weights = jnp.ones((self.num_tasks,), "float32")
         else:
@@ -344,15 +385,20 @@ class BalancerTransformation:
                 (loss, weights), next_state = self._run({**values, **p}, run)
                 return loss, (weights, next_state)
 
-            (balancer_gradients, head_weights), (task_weights, state) = jax.grad(
+            (balancer_gradients, head_weights), (task_weights, next_state) = jax.grad(
                 combined, argnums=(0, 1), has_aux=True)(params, jnp.zeros((self.num_tasks,), "float32"))
             shared = [jnp.tensordot(head_weights.astype(block.dtype), block, axes=1) for block in blocks]
-        direction = jax.tree_util.tree_unflatten(
-            self._treedef, [jnp.asarray(d, dtype=block.dtype) for d, block in zip(shared, blocks)])
-        invalid = jnp.any(jnp.asarray(self.balancer.invalid_losses(raw)))
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(block)) for block in blocks]))
-        return Update(direction, state, jnp.asarray(task_weights, "float32"), jnp.asarray(head_weights, "float32"),
-                      balancer_gradients, jnp.logical_and(finite, jnp.logical_not(invalid)))
+        shared = [jnp.asarray(d, dtype=block.dtype) for d, block in zip(shared, blocks)]
+        outputs = (shared, jnp.asarray(task_weights, "float32"), jnp.asarray(head_weights, "float32"),
+                   dict(balancer_gradients))
+        # Finite inputs can still give a non-finite output (a direction that overflows float32): not applied either.
+        applied = jnp.logical_and(usable, _all_finite(jax.tree_util.tree_leaves(outputs)))
+        shared, task_weights, head_weights, balancer_gradients = jax.tree_util.tree_map(
+            lambda value: jnp.where(applied, value, jnp.zeros_like(value)), outputs)
+        next_state = BalancerState({name: jnp.where(applied, value, values[name])
+                                    for name, value in next_state.variables.items()})
+        return Update(jax.tree_util.tree_unflatten(self._treedef, shared), next_state, task_weights, head_weights,
+                      balancer_gradients, applied)
 
     def after_step(self, state, losses_before, losses_after):
         """The balancer's hook after the update, for FAMO (`needs_after_step`): `losses_after` are the raw losses
@@ -422,6 +468,25 @@ class BalancerTransformation:
         transformed, _ = self._run(values, lambda: self.balancer.transform_losses(raw))
         return jnp.asarray(transformed, "float32")
 
+    def _usable(self, raw, blocks):
+        """(usable, labelled) of a step, as `fit` decides them: `labelled` (T,) bool (None at loss level) is False
+        for a task without labels in the batch, its raw loss exactly 0 and its Jacobian rows exactly 0; `usable`, a
+        bool scalar, is True when every task gradient is finite and every raw loss is usable by the balancer
+        (`invalid_losses`: finite, and positive under the log transform), a task without labels excepted unless
+        no task has labels (then there is nothing to learn).
+
+        One pass over the Jacobian answers both: $\\sum_j |J_{tj}|$ per task is exactly 0 for a zero row and not
+        finite for a row with a NaN or inf (or one whose sum overflows, which `fit`'s check counts too)."""
+        invalid = jnp.asarray(self.balancer.invalid_losses(raw))
+        magnitude = sum(jnp.sum(jnp.abs(jnp.reshape(block, (self.num_tasks, -1))), axis=1,
+                                dtype=jnp.promote_types(block.dtype, jnp.float32)) for block in blocks)
+        labelled = None
+        if self.uses_task_gradients:
+            labelled = jnp.logical_or(raw != 0, magnitude != 0)
+            none_labelled = jnp.logical_not(jnp.any(labelled))
+            invalid = jnp.logical_and(invalid, jnp.logical_or(labelled, none_labelled))
+        return jnp.logical_and(jnp.logical_not(jnp.any(invalid)), jnp.all(jnp.isfinite(magnitude))), labelled
+
     def _check_initialised(self):
         if self._treedef is None:
             raise ValueError("Call tx.init(shared_params, task_names=...) first: the balancer's state is sized there.")
@@ -460,8 +525,8 @@ class BalancerTransformation:
             losses = jnp.stack([jnp.asarray(loss) for loss in losses])
         shape = tuple(jnp.shape(losses))
         if shape != (num_tasks,):
-            raise ValueError(f"{what} has shape {shape}: pass the {num_tasks} raw task losses as a ({num_tasks},) "
-                             f"array (or a dict task name -> scalar).")
+            raise ValueError(f"{what} has shape {shape}: pass the {num_tasks} raw task losses, each a scalar "
+                             f"(reduced over the batch), as a ({num_tasks},) array (or a dict task name -> scalar).")
         return jnp.asarray(losses, "float32")
 
     def _checked_task_gradients(self, task_gradients):
@@ -479,6 +544,12 @@ class BalancerTransformation:
                                  f"{(num_tasks,) + shape}: a leading axis of the {num_tasks} tasks, then the "
                                  f"parameter's shape {shape}.")
         return [jnp.asarray(leaf) for leaf in leaves]
+
+
+def _all_finite(arrays):
+    """Whether every entry of every array is finite (a bool scalar; True for none)."""
+    checks = [jnp.all(jnp.isfinite(array)) for array in arrays]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def _unique_names(variables):

@@ -11,7 +11,9 @@ for x, y in batches:
     with tf.GradientTape(persistent=True) as tape:
         z = trunk(x)
         losses = {task: loss_fn(y[task], heads[task](z)) for task in heads}
-    optimizer.apply_gradients(balancer.gradients(tape, losses, trunk.trainable_variables))
+    pairs = balancer.gradients(tape, losses, trunk.trainable_variables)
+    if balancer.applied:                                   # False on an unusable step: skip the optimizer too
+        optimizer.apply_gradients(pairs)
 ```
 
 `Balancer.gradients` re-enters the tape to stack the losses and apply the method's loss transform
@@ -24,7 +26,20 @@ gradient of $\\sum_t \\tilde\\ell_t$ (loss level: of the combined loss) for the 
 IMTL, IMTL-L, GradNorm: `balancer.trainable_variables`, which the same optimizer then updates).
 
 The tape must be persistent at gradient level (several pulls). Works eagerly and inside `tf.function` (the
-balancer's state lives in its Keras variables); the check for unusable losses (a skipped step) runs eagerly only.
+balancer's state lives in its Keras variables).
+
+An unusable step, as `fit` skips it: a raw loss that is not finite (or not positive under the log transform) or a
+gradient that is not finite. `gradients` then returns the same pairs with every gradient zero, leaves the
+balancer's state as it was before the call (a select, eagerly and inside `tf.function` alike) and sets
+`Balancer.applied` (a bool tensor) to False; eagerly it also warns (RuntimeWarning) naming the tasks at fault.
+Skip the optimizer on it (`if balancer.applied: optimizer.apply_gradients(pairs)`, a `tf.cond` under AutoGraph):
+a zero gradient still moves momentum and Adam's moments and counts an iteration.
+
+A task without labels in the batch (its raw loss exactly 0 and its rows of the shared Jacobian exactly 0: no
+labelled sample, or a sample weight of 0 over the batch) takes no part in a gradient-level step, as in `fit`:
+`keras_dbmtl.balancing.balance` gets the `labelled` mask (DB-MTL keeps that task's EMA and leaves it out of
+$\\alpha_k$ and the sum), and the step is usable although its loss is 0 under the log transform.
+
 Not supported: `tf.distribute` strategies (use `MultiTaskModel.fit` with `MirroredStrategy` there) and a
 representation-level `features=` argument (the torch door has it).
 """
@@ -59,6 +74,7 @@ class Balancer:
         **hyperparameters: the balancer's hyperparameters when `balancer` is a name.
 
     The balancer's state is sized at the first call (task names and shared variables' shapes fixed from then on).
+    Create it outside `tf.function` (it holds one `tf.Variable`, `applied`).
     """
 
     def __init__(self, balancer="dbmtl", vectorize=False, **hyperparameters):
@@ -68,9 +84,19 @@ class Balancer:
         self.task_names = None
         self._keyed = None
         self._shapes = None
-        #: The last step's (T,) task weights and head weights (None: all ones).
+        #: The last step's (T,) task weights and head weights (None: all ones); zeros after an unusable step.
         self.last_task_weights = None
         self.last_head_weights = None
+        import tensorflow as tf
+
+        self._applied = tf.Variable(True, trainable=False, name="applied")
+
+    @property
+    def applied(self):
+        """Whether the last `gradients` call's step was usable and applied to the balancer's state: a bool scalar
+        tensor (a `tf.Variable` read, so eagerly and inside `tf.function` alike). False: the gradients that call
+        returned are zeros and the balancer's state is as before it; skip the optimizer."""
+        return self._applied.read_value()
 
     @property
     def trainable_variables(self):
@@ -107,8 +133,9 @@ class Balancer:
 
         Returns:
             A list of `(gradient, variable)` pairs: shared variables first, then the task variables the losses
-            reach, then the balancer's learned variables. An empty list when a loss is unusable (not finite, or not
-            positive under a log transform; checked eagerly only), with a RuntimeWarning.
+            reach, then the balancer's learned variables. On an unusable step (a loss not finite, or not positive
+            under the log transform, a task without labels excepted; or a gradient not finite) the same pairs with
+            zero gradients, the balancer's state unchanged and `applied` False (eagerly with a RuntimeWarning).
         """
         import tensorflow as tf
 
@@ -136,6 +163,8 @@ class Balancer:
         learned_ids = {id(v) for v in self.balancer.trainable_variables}
         own = [v for v in own if id(v) not in learned_ids]
         learned = list(self.balancer.trainable_variables)
+        # The state before the call (a loss-level combine writes it inside the tape): put back on an unusable step.
+        previous = [tf.identity(v.value) for v in self.balancer.variables]
         with tape:                                  # re-entered: the transform is recorded with the losses
             raw = tf.stack([tf.cast(v, "float32") for v in values])
             task_losses = self.balancer.task_losses(raw)
@@ -145,20 +174,14 @@ class Balancer:
             total = tf.reduce_sum(transformed)
             if not self.balancer.uses_task_gradients:
                 combined, weights = balancing.combine(self.balancer, task_losses)
-        if tf.executing_eagerly():
-            invalid = self.balancer.invalid_losses(raw).numpy()
-            if invalid.any():
-                bad = [n for n, b in zip(names, invalid) if b]
-                warnings.warn(f"Unusable losses for tasks {bad} (not finite, or not positive under a log transform):"
-                              " no gradients this step, the balancer's state unchanged.", RuntimeWarning,
-                              stacklevel=2)
-                return []
+        invalid = tf.convert_to_tensor(self.balancer.invalid_losses(raw))
         if not self.balancer.uses_task_gradients:
             variables = shared + own + learned
             grads = tape.gradient(combined, variables)
             self._check_reached(shared, grads[: len(shared)])
-            self.last_task_weights = weights
-            return [(g, v) for g, v in zip(grads, variables) if g is not None]
+            pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+            usable = tf.logical_not(tf.reduce_any(invalid))
+            return self._finish(pairs, usable, invalid, names, previous, weights, None)
         if not tape._persistent:
             raise ValueError("A gradient-level balancer pulls the tape several times: create it with "
                              "tf.GradientTape(persistent=True).")
@@ -174,8 +197,16 @@ class Balancer:
                                         for g in column]))
         self._check_reached(shared, blocks)
         blocks = [tf.cast(b, "float32") for b in blocks]
-        balanced = balancing.balance(self.balancer, task_losses, blocks)
-        self.last_task_weights, self.last_head_weights = balanced.task_weights, balanced.head_weights
+        # As `fit`: a task without labels (raw loss exactly 0, its Jacobian rows exactly 0) takes no part, and its
+        # loss does not make the step unusable unless no task has labels; NaN or inf kept out of the balancer.
+        # One pass over the Jacobian: sum_j |J_tj| is exactly 0 for a zero row, not finite for a NaN or inf in it.
+        num_tasks = len(names)
+        magnitude = tf.add_n([tf.reduce_sum(tf.abs(tf.reshape(b, (num_tasks, -1))), axis=1) for b in blocks])
+        labelled = tf.logical_or(tf.not_equal(raw, 0.0), tf.not_equal(magnitude, 0.0))
+        invalid = tf.logical_and(invalid, tf.logical_or(labelled, tf.logical_not(tf.reduce_any(labelled))))
+        usable = tf.logical_and(tf.logical_not(tf.reduce_any(invalid)), tf.reduce_all(tf.math.is_finite(magnitude)))
+        blocks = [tf.where(usable, b, tf.zeros_like(b)) for b in blocks]
+        balanced = balancing.balance(self.balancer, task_losses.where(usable), blocks, labelled=labelled)
         pairs = [(tf.cast(d, v.dtype), v) for d, v in zip(balanced.shared, shared)]
         if own:
             h = tf.ones_like(transformed) if balanced.head_weights is None else tf.cast(balanced.head_weights,
@@ -185,6 +216,33 @@ class Balancer:
         if learned:
             pairs += [(g, v) for g, v in zip(tape.gradient(total, learned), learned)
                       if g is not None]
+        return self._finish(pairs, usable, invalid, names, previous, balanced.task_weights, balanced.head_weights)
+
+    def _finish(self, pairs, usable, invalid, names, previous, task_weights, head_weights):
+        """The step's pairs, or on an unusable step (or one whose gradients are not finite) zero gradients and the
+        balancer's state put back; sets `applied` and the last weights, and warns eagerly."""
+        import tensorflow as tf
+
+        gradients = [g.values if isinstance(g, tf.IndexedSlices) else g for g, _ in pairs]
+        applied = tf.logical_and(usable, _all_finite(gradients))
+
+        def kept(value):
+            return tf.where(applied, value, tf.zeros_like(value))
+
+        pairs = [(tf.IndexedSlices(kept(g.values), g.indices, g.dense_shape) if isinstance(g, tf.IndexedSlices)
+                  else kept(g), v) for g, v in pairs]
+        for variable, old in zip(self.balancer.variables, previous):
+            variable.assign(tf.where(applied, variable.value, old))
+        self._applied.assign(applied)
+        self.last_task_weights = kept(tf.convert_to_tensor(task_weights))
+        self.last_head_weights = None if head_weights is None else kept(tf.convert_to_tensor(head_weights))
+        if tf.executing_eagerly() and not bool(applied):
+            bad = [name for name, flag in zip(names, invalid.numpy()) if flag]
+            cause = (f"the losses of tasks {bad} are not finite (or not positive under a log transform)" if bad
+                     else "a gradient is not finite")
+            warnings.warn(f"Unusable step: {cause}. The gradients returned are zeros and the balancer's state is "
+                          "unchanged (balancer.applied is False): skip optimizer.apply_gradients for this step.",
+                          RuntimeWarning, stacklevel=3)
         return pairs
 
     @staticmethod
@@ -193,3 +251,11 @@ class Balancer:
         if unreached:
             raise ValueError(f"shared_variables {unreached} ({[shared[i].name for i in unreached]}) are not reached "
                              "by any loss: pass only variables the losses depend on.")
+
+
+def _all_finite(tensors):
+    """Whether every entry of every floating-point tensor is finite (a bool scalar tensor)."""
+    import tensorflow as tf
+
+    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t.dtype.is_floating]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)

@@ -2,10 +2,11 @@
 
 The model is tests/reference.py's: a linear trunk z = X W + b (shared) and linear heads pred_t = z v_t + c_t, MSE,
 plain SGD, written in JAX; the data of tests/test_training_matches_reference.py (losses spanning 10^4). The
-references are numpy only: `reference.replay` (DB-MTL's Algorithm 1), MGDA's SLSQP min-norm point of
-tests/balancers/test_mgda.py and PCGrad's Algorithm 1 of tests/balancers/test_pcgrad.py. Then an MLP trained by
-the door equals the same MLP trained by `MultiTaskModel.fit` (one core), with optax, and the bad inputs. Skipped
-unless Keras runs on JAX.
+references are numpy only: `reference.replay` (DB-MTL's Algorithm 1), Algorithm 1 with a task left out of a step
+(`dbmtl_replay_with_labels` of tests/reference.py), MGDA's min-norm point by enumerating the
+supports (`_min_norm_exact`) and PCGrad's Algorithm 1 of tests/balancers/test_pcgrad.py. Then an MLP trained by the
+door equals the same MLP trained by `MultiTaskModel.fit` (one core), with optax; unusable steps are not applied;
+and the bad inputs. Skipped unless Keras runs on JAX.
 """
 
 import importlib.util
@@ -41,6 +42,28 @@ def _reference_module(module):
     return loaded
 
 
+def _min_norm_exact(jacobian):
+    """The simplex weights of the min-norm point of the rows' convex hull, float64: the KKT system of every support
+    S (w_S = a G_SS^-1 1, zero elsewhere), the feasible one of least norm (exact for a few tasks; SLSQP returned
+    its starting point on these gradient scales, 1 to 10^3)."""
+    import itertools
+
+    gram = jacobian @ jacobian.T
+    best, best_value = None, np.inf
+    for size in range(1, len(gram) + 1):
+        for support in itertools.combinations(range(len(gram)), size):
+            idx = list(support)
+            solved = np.linalg.lstsq(gram[np.ix_(idx, idx)], np.ones(size), rcond=None)[0]
+            if abs(solved.sum()) < 1e-300:
+                continue
+            w = np.zeros(len(gram))
+            w[idx] = solved / solved.sum()
+            value = w @ gram @ w
+            if w.min() >= -1e-12 and value < best_value:
+                best, best_value = w, value
+    return best
+
+
 # ---------------------------------------------------------------------- the linear model of tests/reference.py
 def linear_init(head_scales=(1.0, 1.0, 1.0), seed=1):
     rng = np.random.default_rng(seed)
@@ -62,8 +85,8 @@ def sgd(params, grads, lr):
 
 def make_step(tx, loss_fn, lr):
     """One door step with plain SGD: the common case of the module docstring."""
-    def step(shared, heads, state, x, ys):
-        raw, jacobian, own = tx.task_jacobian(loss_fn, state, shared, heads, x, ys)
+    def step(shared, heads, state, x, ys, *extra):
+        raw, jacobian, own = tx.task_jacobian(loss_fn, state, shared, heads, x, ys, *extra)
         update = tx.update_with_info(jacobian, state, raw)
         heads = sgd(heads, keras_dbmtl.jax.scale_task_gradients(own, update.head_weights), lr)
         return sgd(shared, update.direction, lr), heads, update
@@ -143,9 +166,8 @@ def test_dbmtl_matches_algorithm_1_in_jit_and_scan(data, log_transform, head_sca
 
 
 def test_mgda_matches_the_min_norm_point():
-    """Gramian level: MGDA's weights give the float64 SLSQP min-norm point (tests/balancers/test_mgda.py), on a
-    Jacobian split over two leaves, and the heads get the same weights."""
-    ref = _reference_module("test_mgda")
+    """Gramian level: MGDA's weights give the float64 min-norm point (`_min_norm_exact`), on a Jacobian split over
+    two leaves, and the heads get the same weights."""
     rng = np.random.default_rng(1)
     jacobian = rng.normal(size=(4, 7))
     jacobian[1] = -0.7 * jacobian[0] + 0.3 * rng.normal(size=7)
@@ -156,11 +178,11 @@ def test_mgda_matches_the_min_norm_point():
               "b": jnp.asarray(jacobian[:, 3:].reshape(4, 2, 2), "float32")}
     update = jax.jit(tx.update_with_info)(blocks, state, jnp.ones(4))
     direction = np.concatenate([np.asarray(update.direction["a"]), np.asarray(update.direction["b"]).ravel()])
-    expected = ref._min_norm_by_slsqp(jacobian) @ jacobian
+    expected = _min_norm_exact(jacobian) @ jacobian
     np.testing.assert_allclose(direction, expected, atol=1e-4 * np.abs(jacobian).max())
     np.testing.assert_allclose(np.asarray(update.task_weights) @ jacobian, expected, atol=1e-4 * np.abs(jacobian).max())
     np.testing.assert_allclose(np.asarray(update.head_weights), np.asarray(update.task_weights))
-    assert bool(update.usable)
+    assert bool(update.applied) and bool(update.usable)           # usable: the name in 0.1.0
 
 
 def test_pcgrad_follows_algorithm_1_and_threads_its_random_state():
@@ -351,6 +373,100 @@ def test_learned_parameters_transform_and_epoch_hooks():
     assert not np.allclose(moved.variables["logits"], state.variables["logits"])
 
 
+# ---------------------------------------------------------------------- unusable steps, tasks without labels
+def _kept_where(applied, new, old):
+    """The module docstring's select: `new` where the update was applied, `old` elsewhere."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new, old)
+
+
+def test_unusable_step_is_not_applied_under_jit(data):
+    """A NaN or inf in one task's gradient, a NaN or inf raw loss, or finite inputs whose direction overflows
+    float32: under `jax.jit`, a zero direction (every leaf), the state given (every leaf identical), zero weights
+    and `applied` False; `update` alone (jitted) too. The next finite step equals the float64 replay of Algorithm 1
+    without the bad step (k, in beta / k^0.5, did not count it)."""
+    X, Y = data
+    W0, b0, heads0 = linear_init()
+    order = batches()
+    tx = keras_dbmtl.jax.balancer("dbmtl", beta=0.9, beta_sigma=0.5)
+    shared, heads = as_pytrees(W0, b0, heads0)
+    state = tx.init(shared, task_names=TASKS)
+
+    @jax.jit
+    def step(shared, heads, state, x, ys, gradient_poison, loss_poison):
+        raw, jacobian, own = tx.task_jacobian(linear_losses, state, shared, heads, x, ys)
+        jacobian = {**jacobian, "W": jacobian["W"].at[1, 0, 0].add(gradient_poison)}   # task 1's gradient
+        raw = raw.at[0].add(loss_poison)                                                  # task 0's loss
+        update = tx.update_with_info(jacobian, state, raw)
+        new_heads = sgd(heads, keras_dbmtl.jax.scale_task_gradients(own, update.head_weights), LR)
+        return (_kept_where(update.applied, sgd(shared, update.direction, LR), shared),
+                _kept_where(update.applied, new_heads, heads), update, (jacobian, raw))
+
+    batch = lambda k: (X[order[k]], [y[order[k]] for y in Y])  # noqa: E731
+    update_only = jax.jit(tx.update)
+    shared, heads, update, _ = step(shared, heads, state, *batch(0), 0.0, 0.0)
+    assert bool(update.applied)
+    state = update.state
+    before = jax.tree_util.tree_map(np.asarray, (shared, heads, state))
+    for gradient_poison, loss_poison in [(np.nan, 0.0), (np.inf, 0.0), (0.0, np.nan), (0.0, -np.inf), (1e38, 0.0)]:
+        s, h, update, (jacobian, raw) = step(shared, heads, state, *batch(1), gradient_poison, loss_poison)
+        case = (gradient_poison, loss_poison)
+        assert update.applied.dtype == jnp.bool_ and update.applied.shape == () and not bool(update.applied), case
+        assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree_util.tree_leaves(update.direction)), case
+        assert not np.any(np.asarray(update.task_weights)) and not np.any(np.asarray(update.head_weights)), case
+        for got, expected in zip(jax.tree_util.tree_leaves((s, h, update.state)), jax.tree_util.tree_leaves(before)):
+            np.testing.assert_array_equal(np.asarray(got), expected)
+        direction, next_state = update_only(jacobian, state, raw)
+        assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree_util.tree_leaves(direction)), case
+        for got, expected in zip(jax.tree_util.tree_leaves(next_state), jax.tree_util.tree_leaves(state)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    shared, heads, update, _ = step(shared, heads, state, *batch(2), 0.0, 0.0)
+    assert bool(update.applied)
+    W, b, ref_heads, ema, weights = reference.replay(X, Y, W0, b0, heads0, [order[0], order[2]], LR, "dbmtl",
+                                                     beta=0.9, beta_sigma=0.5)
+    assert_matches_replay(shared, heads, W, b, ref_heads)
+    np.testing.assert_allclose(np.asarray(update.state.variables["ema_gradients"]), ema, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(update.task_weights), weights[-1], rtol=1e-3)
+    assert int(update.state.variables["iterations"]) == 2
+
+
+def _masked_losses(shared, heads, x, ys, masks):
+    """`linear_losses` over the labelled samples of each task (mask 1), 0 for a task with none in the batch."""
+    z = x @ shared["W"] + shared["b"]
+    return jnp.stack([jnp.sum(m * jnp.square(z @ h["v"] + h["c"] - y)) / jnp.maximum(jnp.sum(m), 1.0)
+                      for h, y, m in zip(heads, ys, masks)])
+
+
+def test_task_without_labels_takes_no_part(data):
+    """DB-MTL over 3 steps, task 1 without labels at step 2 (loss and Jacobian rows exactly 0): the step is applied
+    (log(0 + eps) is no reason to skip), that task's EMA stays, its weight is 0, and weights, EMA and task weights
+    equal the float64 replay. A batch where no task has labels is not applied (nothing to learn)."""
+    X, Y = data
+    W0, b0, heads0 = linear_init()
+    order = batches()[:3]
+    labelled = [[True, True, True], [True, False, True], [True, True, True]]
+    tx = keras_dbmtl.jax.balancer("dbmtl", beta=0.9, beta_sigma=0.5)
+    shared, heads = as_pytrees(W0, b0, heads0)
+    state = tx.init(shared, task_names=TASKS)
+    step = jax.jit(make_step(tx, _masked_losses, LR))
+    masks_of = lambda flags: [jnp.full((BATCH, 1), float(f)) for f in flags]  # noqa: E731
+    emas, weights = [], []
+    for idx, flags in zip(order, labelled):
+        shared, heads, update = step(shared, heads, state, X[idx], [y[idx] for y in Y], masks_of(flags))
+        assert bool(update.applied)
+        state = update.state
+        emas.append(np.asarray(state.variables["ema_gradients"]))
+        weights.append(np.asarray(update.task_weights))
+    W, b, ref_heads, ema, ref_weights = reference.dbmtl_replay_with_labels(X, Y, W0, b0, heads0, order, labelled, LR, 0.9, 0.5)
+    assert_matches_replay(shared, heads, W, b, ref_heads)
+    np.testing.assert_allclose(emas[-1], ema, rtol=2e-4, atol=1e-7)
+    np.testing.assert_array_equal(emas[1][1], emas[0][1])             # task 1's EMA kept at step 2
+    assert weights[1][1] == 0.0
+    np.testing.assert_allclose(np.array(weights), ref_weights, rtol=1e-3)
+    _, _, update = step(shared, heads, state, X[order[0]], [y[order[0]] for y in Y], masks_of([False] * 3))
+    assert not bool(update.applied)
+    np.testing.assert_array_equal(np.asarray(update.state.variables["iterations"]), 3)
+
+
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_errors(monkeypatch):
     tx = keras_dbmtl.jax.balancer("dbmtl")
@@ -358,6 +474,8 @@ def test_bad_input_errors(monkeypatch):
         tx.update(jnp.zeros((2, 3)), None, jnp.ones(2))
     with pytest.raises(ValueError, match="number of tasks"):
         tx.init({"w": jnp.zeros((3,))})
+    with pytest.raises(ValueError, match="shared_params has no arrays"):         # no shared parameters
+        tx.init({}, num_tasks=2)
     state = tx.init({"w": jnp.zeros((3,)), "b": jnp.zeros(())}, task_names=["a", "b"])
     good = {"w": jnp.ones((2, 3)), "b": jnp.ones((2,))}
     with pytest.raises(ValueError, match="structure"):
@@ -370,11 +488,21 @@ def test_bad_input_errors(monkeypatch):
         tx.update(good, state, {"a": 1.0, "c": 1.0})
     with pytest.raises(ValueError, match="must be a scalar"):
         tx.update(good, state, {"a": jnp.ones(4), "b": 1.0})
+    with pytest.raises(ValueError, match=r"losses has shape \(2, 4\): pass the 2 raw task losses, each a scalar"):
+        tx.update(good, state, [jnp.ones(4), jnp.ones(4)])
+    with pytest.raises(ValueError, match=r"losses has shape \(2, 1\)"):
+        jax.jit(tx.update)(good, state, jnp.ones((2, 1)))
     with pytest.raises(TypeError, match="BalancerState"):
         tx.update(good, {"ema_gradients": 0}, jnp.ones(2))
     other = keras_dbmtl.jax.balancer("uw").init({"w": jnp.zeros((3,))}, num_tasks=2)
     with pytest.raises(ValueError, match="pass the state this transformation's init returned"):
         tx.update(good, other, jnp.ones(2))
+    resized = keras_dbmtl.jax.balancer("dbmtl").init({"w": jnp.zeros((5,))}, num_tasks=2)   # same names, P = 5
+    with pytest.raises(ValueError, match=r"state.variables\['ema_gradients'\] has shape \(2, 5\), expected \(2, 4\)"):
+        tx.update(good, resized, jnp.ones(2))
+    with pytest.raises(ValueError, match="task_params has keys"):
+        tx.task_jacobian(lambda s, h: jnp.ones(2), state, {"w": jnp.zeros((3,)), "b": jnp.zeros(())},
+                         {"a": {}, "c": {}})
     with pytest.raises(ValueError, match="initialised for 2 tasks"):
         tx.init({"w": jnp.zeros((4,))}, num_tasks=2)
     with pytest.raises(TypeError, match="float arrays"):
@@ -394,3 +522,5 @@ def test_bad_input_errors(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
     with pytest.raises(RuntimeError, match="KERAS_BACKEND=jax"):
         keras_dbmtl.jax.balancer("dbmtl")
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=jax"):
+        keras_dbmtl.jax.BalancerTransformation(keras_dbmtl.balancers.DBMTL())

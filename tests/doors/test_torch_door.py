@@ -3,7 +3,7 @@
 The model is tests/reference.py's: a linear trunk z = X W + b (torch.nn.Linear, shared) and linear heads
 pred_t = z v_t + c_t, MSE, torch.optim.SGD, the data of tests/test_training_matches_reference.py (losses spanning
 10^4). The references are numpy only: `reference.replay` (DB-MTL's Algorithm 1; skipped steps must leave it as
-it is), Algorithm 1 with tasks without labels in some batches (`_replay_dbmtl_with_unlabelled`, the semantics of
+it is), Algorithm 1 with tasks without labels in some batches (`reference.dbmtl_replay_with_labels`, the semantics of
 `TaskJacobian.labelled`), the IMTL-G closed form of tests/balancers/test_imtl_g.py and PCGrad's Algorithm 1 of
 tests/balancers/test_pcgrad.py; `torch.amp.GradScaler` runs against the unscaled run, two gloo processes against
 one. Skipped unless Keras runs on torch.
@@ -388,26 +388,6 @@ def masked_losses(net, x, ys, unlabelled=()):
     return z, losses
 
 
-def _replay_dbmtl_with_unlabelled(X, Y, W, b, heads, steps, unlabelled, lr, beta, beta_sigma, eps=1e-8):
-    """Algorithm 1 (float64) where the tasks of unlabelled[k] have no label at step k (TaskJacobian.labelled):
-    their EMA is kept, they are left out of alpha_k = max ||ema_t|| and of d, their heads do not move."""
-    T = len(heads)
-    ema = np.zeros((T, W.size + b.size))
-    for k, idx in enumerate(steps, start=1):
-        _, G, head_grads = reference.linear_mtl_gradients(X[idx], [y[idx] for y in Y], W, b, heads, True)
-        labelled = np.array([t not in unlabelled.get(k - 1, ()) for t in range(T)])
-        beta_k = beta / k**beta_sigma
-        ema = np.where(labelled[:, None], beta_k * ema + (1 - beta_k) * G, ema)
-        norms = np.linalg.norm(ema, axis=1)
-        w = np.where(labelled, norms[labelled].max() / (norms + eps), 0.0)
-        direction = w @ ema
-        W = W - lr * direction[: W.size].reshape(W.shape)
-        b = b - lr * direction[W.size:]
-        heads = [(v - lr * gv, c - lr * gc) if labelled[t] else (v, c)
-                 for t, ((v, c), (gv, gc)) in enumerate(zip(heads, head_grads))]
-    return W, b, heads, ema
-
-
 def test_a_task_without_labels_takes_no_part():
     X, Y = make_data()
     net = Net()
@@ -425,7 +405,9 @@ def test_a_task_without_labels_takes_no_part():
             for t in unlabelled.get(step, ()):
                 assert float(weights[f"task{t}"]) == 0.0
             optimizer.step()
-    W, b, heads, ema = _replay_dbmtl_with_unlabelled(X, Y, W0, b0, heads0, batches(), unlabelled, LR, 0.5, 0.5)
+    order = batches()
+    labelled = [[t not in unlabelled.get(k, ()) for t in range(len(heads0))] for k in range(len(order))]
+    W, b, heads, ema, _ = reference.dbmtl_replay_with_labels(X, Y, W0, b0, heads0, order, labelled, LR, 0.5, 0.5)
     assert_matches(net, W, b, heads)
     state = keras.ops.convert_to_numpy(balancer.balancer.ema_gradients)
     size = D_IN * D_HID
