@@ -8,7 +8,8 @@ loop of a change; the full suite (`bash .ci/test`) stays the CI command. What it
 - one `fit` per balancer kind: EW (loss level), UPGrad (Gramian), DB-MTL (Jacobian);
 - save and load: a model round trip that keeps training identically, balancer state through a `.keras` file;
 - the bad-input checks (`test_user_errors.py`, the model's own, the hyperparameter ranges, the registry);
-- each front door: DB-MTL against the float64 replay and its bad-input errors; the backend contract.
+- each front door: DB-MTL against the float64 replay and its bad-input errors (a subclassed model's too); the
+  backend contract.
 
 An entry is a test file, or a test id up to its parameters (then every parametrisation of it), or one exact
 parametrised id.
@@ -46,6 +47,7 @@ QUICK = (
     "tests/doors/test_tensorflow_door.py::test_bad_input_names_the_fix",
     "tests/test_functional_model.py::test_training_equals_the_encoder_heads_model",
     "tests/test_functional_model.py::test_bad_outputs_and_shared_variables_get_errors_naming_the_fix",
+    "tests/test_subclassed_model.py::test_bad_input_names_the_fix",
     "tests/gradients/test_backend_contract.py",
 )
 
