@@ -553,11 +553,8 @@ CLOCK = os.environ.get("DBMTL_BENCH_CLOCK", "cpu")
 
 
 def machine_info():
+    # os.cpu_count(), not `nproc`: nproc obeys the OMP_NUM_THREADS that use_backend(threads=...) sets.
     info = {"python": platform.python_version(), "platform": platform.platform(), "nproc": os.cpu_count()}
-    try:
-        info["nproc"] = int(os.popen("nproc").read().strip() or os.cpu_count())
-    except Exception:  # pragma: no cover
-        pass
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
