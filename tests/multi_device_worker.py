@@ -20,7 +20,11 @@ import numpy as np
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 NUM_REPLICAS = 2
 
-if BACKEND == "tensorflow":
+if BACKEND != "tensorflow":
+    # A JAX worker never needs TensorFlow; `keras.utils.set_random_seed` would import it only to seed it (about 3 s
+    # of CPU time per process).
+    sys.modules["tensorflow"] = None
+else:
     import tensorflow as tf
 
     _cpu = tf.config.list_physical_devices("CPU")[0]
