@@ -16,9 +16,10 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# A torch worker never needs TensorFlow; `keras.utils.set_random_seed` would import it only to seed it (about 3 s of
-# CPU time per process).
-sys.modules["tensorflow"] = None
+if __name__ == "__main__":
+    # A torch worker process never needs TensorFlow; `keras.utils.set_random_seed` would import it only to seed it
+    # (about 3 s of CPU time per process). Not when the test imports this module into its own process.
+    sys.modules["tensorflow"] = None
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402

@@ -137,14 +137,12 @@ def distributed_scope():
 
 
 def disable_allreduce():
-    from keras_dbmtl import gradients
+    # The package calls into this module at call time (`keras_dbmtl.gradients.PRIMITIVES`): patching it is enough.
     from keras_dbmtl.gradients import tensorflow as module
 
-    # The primitives are bound once, at import, in the module and in the package (`gradients.PRIMITIVES`).
-    for owner in (module, gradients):
-        owner.replica_mean = lambda values: values
-        # Each replica's task losses are its own batch means (Keras scales them by 1 / num_replicas).
-        owner.global_losses = lambda losses: losses * float(module.num_replicas())
+    module.replica_mean = lambda values: values
+    # Each replica's task losses are its own batch means (Keras scales them by 1 / num_replicas).
+    module.global_losses = lambda losses: losses * float(module.num_replicas())
 
 
 def jax_partitioning(model):

@@ -116,14 +116,39 @@ def _backend_module(name):
 #: The running backend's module of primitives, chosen once at import, as Keras chooses its backend.
 PRIMITIVES = backend_module()
 
-global_losses = PRIMITIVES.global_losses
-optimizer_gradients = PRIMITIVES.optimizer_gradients
-num_replicas = PRIMITIVES.num_replicas
-replica_mean = PRIMITIVES.replica_mean
-replica_rank = PRIMITIVES.replica_rank
-skips_by_branch = PRIMITIVES.skips_by_branch
-branches_in_python = PRIMITIVES.branches_in_python
-run_step = PRIMITIVES.run_step
+# Thin calls into the module (its attributes read at call time, so that a test or benchmark can patch one).
+
+
+def global_losses(task_losses):
+    return PRIMITIVES.global_losses(task_losses)
+
+
+def optimizer_gradients(grads):
+    return PRIMITIVES.optimizer_gradients(grads)
+
+
+def num_replicas():
+    return PRIMITIVES.num_replicas()
+
+
+def replica_mean(values):
+    return PRIMITIVES.replica_mean(values)
+
+
+def replica_rank():
+    return PRIMITIVES.replica_rank()
+
+
+def skips_by_branch():
+    return PRIMITIVES.skips_by_branch()
+
+
+def branches_in_python():
+    return PRIMITIVES.branches_in_python()
+
+
+def run_step(step, args, state_groups):
+    return PRIMITIVES.run_step(step, args, state_groups)
 
 
 def broadcast_from_root(tensors, root=0):
