@@ -4,7 +4,7 @@ The model: the paper's MPNN (dim 64, edge network 5 -> 128 -> 64*64, 3 message-p
 aggregation and a GRU, Set2Set with 3 steps, Linear(128 -> 64) + ReLU), 11 linear heads, MSE, Adam 1e-3, on one
 synthetic batch of 32 complete molecular graphs of 9-27 atoms (`common.make_qm9_batch`, seed 0).
 
-Sides (each "side" is a compiled train step; the methods are EW, DB-MTL and UPGrad):
+Sides (each "side" is one train step; the methods are EW, DB-MTL and UPGrad):
 
 - ours: keras_dbmtl's MultiTaskModel with applications/qm9/model.py's encoder, on TensorFlow (`tf-graph`,
   `tf-xla`), PyTorch (`torch`) and JAX (`jax`); the batch padded as applications.qm9.data.collate pads it.
@@ -18,21 +18,28 @@ Sides (each "side" is a compiled train step; the methods are EW, DB-MTL and UPGr
   (`_compute_grad_dim`, `_compute_grad(mode='backward')`, `_reset_grad`), labelled as such in the output.
 - `libmtl-once`: the same, with the edge network evaluated once per forward pass (its output, the per-edge
   kernels, fed to the three steps): the change our encoder makes; the same function and gradients.
+- `door`, `door-once`: keras_dbmtl's door 3 in a plain PyTorch loop on the two PyG encoders above (the same model
+  and batch as `libmtl` / `libmtl-once` / `torchjd` / `torchjd-once`): one step = `optimizer.zero_grad()`, the
+  forward pass, the losses dict (MSE of each Linear(64, 1) head), `keras_dbmtl.torch.Balancer(method).backward(
+  losses, shared_parameters=encoder.parameters())`, `optimizer.step()` (torch.optim.Adam 1e-3); methods EW,
+  DB-MTL, UPGrad (the door's CPU default, `vectorize=False`: one `torch.autograd.grad` per task).
 - `torchjd`, `torchjd-once`: TorchJD's `mtl_backward(losses, features=...)` + `jac_to_grad(encoder params,
   UPGrad())` on the two PyG encoders above (torch.optim.Adam step), against our `upgrad` balancer.
 
 Timing: one worker process per framework (TensorFlow: tf-graph and tf-xla; keras on torch; JAX; the reference
-side: LibMTL and TorchJD in plain torch), each with the same thread count (default 2). The workers build and
-warm up their steps, then the coordinator asks them, in turn, for `--per-round` timed steps of one configuration
-at a time (the order reversed every other round), so only one worker computes at any moment and a slow phase of
-the shared machine hits every configuration alike. Reported: medians of wall clock and of the worker's CPU time
-(all its threads) over the rounds.
+side: LibMTL, door 3 and TorchJD in plain torch), each with the same thread count (default 2). The workers build
+and warm up their steps, then the coordinator asks them, in turn, for `--per-round` timed steps of one
+configuration at a time (the order reversed every other round), so only one worker computes at any moment and a
+slow phase of the shared machine hits every configuration alike. Reported: medians of wall clock and of the
+worker's CPU time (all its threads) over the rounds. `--report` also prints the door's ratios (`door_ratio_table`):
+door / LibMTL (DB-MTL, EW), door / TorchJD (UPGrad) and door / our `torch` side, each as the ratio of the medians
+and as the median and range of the per-round ratios (the two configurations' steps of the same round).
 
 Peak memory (`--memory`): each configuration in a fresh process (memory.py's counters): the process' peak
 resident set size over building, 2 warm-up steps and 3 more steps, and the transient peak of a step alone.
 
-Missing optional packages (LibMTL, torch_geometric, torchjd) skip their side with a message; nothing fails.
-Install them outside the project's environment, e.g.
+Missing optional packages (LibMTL, torch_geometric, torchjd; the door sides need torch_geometric) skip their
+side with a message; nothing fails. Install them outside the project's environment, e.g.
 
     pip install --no-deps --target $BENCHDEPS LibMTL torch_geometric torchjd xxhash psutil quadprog qpsolvers
     PYTHONPATH=$BENCHDEPS:$PWD nice -n 15 python benchmarks/libmtl_compare.py --rounds 5 \
@@ -60,16 +67,17 @@ from benchmarks import common  # noqa: E402
 MARK = "LIBMTL_COMPARE_JSON "
 BATCH = 32
 OURS = ("tf-xla", "tf-graph", "torch", "jax")
-REFERENCE = ("libmtl", "libmtl-once", "torchjd", "torchjd-once")
+REFERENCE = ("libmtl", "libmtl-once", "door", "door-once", "torchjd", "torchjd-once")
 SIDES = OURS + REFERENCE
 METHODS = ("ew", "dbmtl", "upgrad")
 # Which worker process runs a side (one framework per process: Keras fixes its backend at import).
 WORKER_OF = {"tf-xla": "tensorflow", "tf-graph": "tensorflow-graph", "torch": "torch", "jax": "jax",
-             "libmtl": "reference", "libmtl-once": "reference", "torchjd": "reference", "torchjd-once": "reference"}
+             **{side: "reference" for side in REFERENCE}}
 METHODS_OF = {"tf-graph": ("ew", "dbmtl"), "tf-xla": ("ew", "dbmtl"), "jax": ("ew", "dbmtl"),  # upgrad: torch only
-              "libmtl": ("ew", "dbmtl"), "libmtl-once": ("ew", "dbmtl"), "torchjd": ("upgrad",),
-              "torchjd-once": ("upgrad",)}
+              "libmtl": ("ew", "dbmtl"), "libmtl-once": ("ew", "dbmtl"), "door": METHODS, "door-once": METHODS,
+              "torchjd": ("upgrad",), "torchjd-once": ("upgrad",)}
 PACKAGES_OF = {"libmtl": ("LibMTL", "torch_geometric"), "libmtl-once": ("LibMTL", "torch_geometric"),
+               "door": ("torch_geometric",), "door-once": ("torch_geometric",),
                "torchjd": ("torchjd", "torch_geometric"), "torchjd-once": ("torchjd", "torch_geometric")}
 INSTALL_HINT = ("pip install --no-deps --target DIR LibMTL torch_geometric torchjd xxhash psutil quadprog "
                 "qpsolvers, then PYTHONPATH=DIR:$PWD")
@@ -309,6 +317,82 @@ def libmtl_step(side, method, x, y):
             {"weighting": label, "libmtl": source, "num_shared_parameters": encoder_params})
 
 
+def mtl_losses(encoder, heads, inputs, targets):
+    """losses_of() -> ({task: MSE of its head on the encoder's output}, that output z): one forward pass."""
+    import torch
+
+    def losses_of():
+        z = encoder(inputs)
+        return {t: torch.nn.functional.mse_loss(head(z), target)
+                for t, head, target in zip(common.QM9_TASKS, heads, targets)}, z
+
+    return losses_of
+
+
+def pyg_model(edge_net_once, x, y):
+    """(encoder, heads, optimizer, losses_of) of the plain-torch sides (door, TorchJD) on the PyG encoder: its weights
+    from torch.manual_seed(0), 11 Linear(64, 1) heads, torch.optim.Adam 1e-3 on both, `mtl_losses` on the batch."""
+    import torch
+
+    torch.manual_seed(0)
+    data, labels = pyg_batch(x, y)
+    encoder = pyg_encoder(edge_net_once)()
+    heads = torch.nn.ModuleList([torch.nn.Linear(paper_size()["out_dim"], 1) for _ in common.QM9_TASKS])
+    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=1e-3)
+    return encoder, heads, optimizer, mtl_losses(encoder, heads, data, [labels[t] for t in common.QM9_TASKS])
+
+
+def door_train_step(method, encoder, optimizer, losses_of, features=False):
+    """(step, balancer): door 3's step, `optimizer.zero_grad()`, the forward pass (`losses_of`),
+    `keras_dbmtl.torch.Balancer(method).backward(losses, shared_parameters=encoder.parameters())` (with
+    `features=z` when `features`), `optimizer.step()`. Needs Keras on the torch backend."""
+    import keras_dbmtl
+
+    balancer = keras_dbmtl.torch.Balancer(method)
+
+    def step():
+        optimizer.zero_grad()
+        losses, z = losses_of()
+        if features:
+            balancer.backward(losses, shared_parameters=encoder.parameters(), features=z)
+        else:
+            balancer.backward(losses, shared_parameters=encoder.parameters())
+        optimizer.step()
+        return losses
+
+    return step, balancer
+
+
+def torchjd_train_step(shared, optimizer, losses_of, chunk):
+    """TorchJD's step: `optimizer.zero_grad()`, the forward pass, `mtl_backward(losses, features=z,
+    parallel_chunk_size=chunk or None)`, `jac_to_grad(shared, UPGrad())`, `optimizer.step()`."""
+    from torchjd.aggregation import UPGrad
+    from torchjd.autojac import jac_to_grad, mtl_backward
+
+    aggregator = UPGrad()
+    shared = list(shared)
+
+    def step():
+        optimizer.zero_grad()
+        losses, z = losses_of()
+        mtl_backward(list(losses.values()), features=z, parallel_chunk_size=chunk or None)
+        jac_to_grad(shared, aggregator)
+        optimizer.step()
+        return losses
+
+    return step
+
+
+def door_step(side, method, x, y):
+    """(step function, info): door 3 (`keras_dbmtl.torch.Balancer(method).backward`) + Adam on the PyG encoder."""
+    encoder, _, optimizer, losses_of = pyg_model(side == "door-once", x, y)
+    step, balancer = door_train_step(method, encoder, optimizer, losses_of)
+    return step, {"code": f"keras_dbmtl.torch.Balancer({method!r}).backward(losses, "
+                          "shared_parameters=encoder.parameters()) + torch.optim.Adam",
+                  "vectorize": balancer.vectorize,
+                  "num_shared_parameters": sum(p.numel() for p in encoder.parameters())}
+
+
 TORCHJD_CHUNK = int(os.environ.get("TORCHJD_CHUNK", "1"))
 
 
@@ -319,30 +403,11 @@ def torchjd_step(side, x, y, chunk=None):
     as LibMTL; 0 = None, TorchJD's default, all tasks at once through torch.vmap, which on this model falls back
     to a per-sample loop for the GRU's backward and was ~1.5-2x slower than chunk 1, see RESULTS_libmtl.md)."""
     chunk = TORCHJD_CHUNK if chunk is None else chunk
-    import torch
-    from torchjd.aggregation import UPGrad
-    from torchjd.autojac import jac_to_grad, mtl_backward
-
-    torch.manual_seed(0)
-    data, labels = pyg_batch(x, y)
-    encoder = pyg_encoder(edge_net_once=side == "torchjd-once")()
-    heads = torch.nn.ModuleList([torch.nn.Linear(paper_size()["out_dim"], 1) for _ in common.QM9_TASKS])
-    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=1e-3)
-    aggregator = UPGrad()
-    targets = [labels[t] for t in common.QM9_TASKS]
+    encoder, _, optimizer, losses_of = pyg_model(side == "torchjd-once", x, y)
     shared = list(encoder.parameters())
-
-    def step():
-        optimizer.zero_grad()
-        features = encoder(data)
-        losses = [torch.nn.functional.mse_loss(head(features), target) for head, target in zip(heads, targets)]
-        mtl_backward(losses, features=features, parallel_chunk_size=chunk or None)
-        jac_to_grad(shared, aggregator)
-        optimizer.step()
-        return losses
-
-    return step, {"aggregator": "torchjd UPGrad() (quadprog projector)", "parallel_chunk_size": chunk or None,
-                  "num_shared_parameters": sum(p.numel() for p in shared)}
+    return torchjd_train_step(shared, optimizer, losses_of, chunk), {
+        "aggregator": "torchjd UPGrad() (quadprog projector)", "parallel_chunk_size": chunk or None,
+        "num_shared_parameters": sum(p.numel() for p in shared)}
 
 
 # --------------------------------------------------------------------------- our side (keras_dbmtl)
@@ -368,6 +433,8 @@ def build_step(side, method, x, y):
         return keras_step(side, method, x, y)
     if side.startswith("libmtl"):
         return libmtl_step(side, method, x, y)
+    if side.startswith("door"):
+        return door_step(side, method, x, y)
     return torchjd_step(side, x, y)
 
 
@@ -534,6 +601,9 @@ def memory_child(side, method, steps=3):
     else:
         import torch  # noqa: F401
         import torch_geometric  # noqa: F401
+
+        if side.startswith("door"):
+            import keras_dbmtl  # noqa: F401  (keras and the door, imported before the baseline)
     rss0, counter = memory._reset_peak()
     t0 = time.perf_counter()
     step, info = build_step(side, method, x, y)
@@ -584,6 +654,8 @@ WHOSE = {"tf-xla": "keras_dbmtl, TensorFlow jit_compile=True", "tf-graph": "kera
          "torch": "keras_dbmtl, PyTorch (eager)", "jax": "keras_dbmtl, JAX (jax.jit)",
          "libmtl": "LibMTL Trainer, PyG NNConv (edge net per step)",
          "libmtl-once": "LibMTL Trainer, PyG NNConv, edge net once per forward",
+         "door": "keras_dbmtl door 3, torch.Balancer.backward, PyG (edge net per step)",
+         "door-once": "keras_dbmtl door 3, torch.Balancer.backward, PyG, edge net once per forward",
          "torchjd": "TorchJD mtl_backward + UPGrad, PyG (edge net per step)",
          "torchjd-once": "TorchJD mtl_backward + UPGrad, PyG, edge net once per forward"}
 
@@ -620,6 +692,50 @@ def timing_table(payload, clock="cpu_ms"):
                      f"{ratio(ew, value('libmtl-once', 'ew'))} | "
                      f"{ratio(value(side, 'upgrad'), value('torchjd-once', 'upgrad'))} |")
     return "\n".join(lines)
+
+
+# (door configuration, the one it is held against, the issue's target for the ratio or None)
+DOOR_PAIRS = (("door-once:dbmtl", "libmtl-once:dbmtl", 0.9), ("door:dbmtl", "libmtl:dbmtl", 0.9),
+              ("door-once:ew", "libmtl-once:ew", None), ("door:ew", "libmtl:ew", None),
+              ("door-once:upgrad", "torchjd-once:upgrad", 1.0), ("door:upgrad", "torchjd:upgrad", 1.0),
+              ("door-once:ew", "torch:ew", None), ("door-once:dbmtl", "torch:dbmtl", None),
+              ("door-once:upgrad", "torch:upgrad", None))
+
+
+def paired_ratio(payload, a, b, clock="wall_ms"):
+    """a / b ("side:method" each) as the ratio of the medians, and the per-round ratios (round r's median of a over
+    round r's median of b, `per_round` steps a round; rounds both have): {"ratio", "rounds", "round_median",
+    "round_min", "round_max"}, or None when either has no samples."""
+    rows = {f"{r['side']}:{r['method']}": r for r in payload["rows"]}
+    ra, rb = rows.get(a, {}), rows.get(b, {})
+    key = clock + "_all"
+    if not ra.get(key) or not rb.get(key):
+        return None
+    n = max(1, int(payload.get("per_round", 1)))
+    rounds = min(len(ra[key]), len(rb[key])) // n
+    per_round = [statistics.median(ra[key][i * n:(i + 1) * n]) / statistics.median(rb[key][i * n:(i + 1) * n])
+                 for i in range(rounds)]
+    out = {"ratio": ra[clock] / rb[clock], "rounds": per_round}
+    if per_round:
+        out.update(round_median=statistics.median(per_round), round_min=min(per_round), round_max=max(per_round))
+    return out
+
+
+def door_ratio_table(payload, clock="wall_ms"):
+    """Markdown: the door's ratios (DOOR_PAIRS that the payload has both sides of), '' when it has none."""
+    lines = []
+    for a, b, target in DOOR_PAIRS:
+        r = paired_ratio(payload, a, b, clock)
+        if r is None:
+            continue
+        spread = (f"{r['round_median']:.3f} ({r['round_min']:.3f}-{r['round_max']:.3f})"
+                  if "round_median" in r else "—")
+        met = "—" if target is None else (f"≤ {target}: " + ("met" if r["ratio"] <= target else "not met"))
+        lines.append(f"| `{a}` / `{b}` | {r['ratio']:.3f} | {spread} | {len(r['rounds'])} | {met} |")
+    if not lines:
+        return ""
+    return "\n".join(["| ratio | of the medians | per round: median (min-max) | rounds | target |",
+                      "|---|---|---|---|---|"] + lines)
 
 
 def memory_table(payload):
@@ -711,6 +827,10 @@ def _cli(argv=None):
             if "rows" in payload:
                 print("CPU ms (median)\n\n" + timing_table(payload, "cpu_ms") + "\n\nwall ms (median)\n\n"
                       + timing_table(payload, "wall_ms") + "\n")
+                for clock in ("wall_ms", "cpu_ms"):
+                    table = door_ratio_table(payload, clock)
+                    if table:
+                        print(f"door ratios ({clock[:-3]})\n\n{table}\n")
             if "memory" in payload:
                 print("MB\n\n" + memory_table(payload) + "\n")
         return

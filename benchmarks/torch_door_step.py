@@ -88,52 +88,37 @@ def model_and_batch():
     return encoder, heads, libmtl_torch._to_torch(x), [libmtl_torch._to_torch(y[t]) for t in common.QM9_TASKS]
 
 
-def _losses(encoder, heads, x, ys, features=False):
+def _adam_and_losses():
+    """(encoder, optimizer: torch.optim.Adam 1e-3 on the encoder and the heads, losses_of: one forward pass ->
+    ({task: MSE}, z), `libmtl_compare.mtl_losses`) on `model_and_batch()`."""
     import torch
 
-    z = encoder(x)
-    losses = {t: torch.nn.functional.mse_loss(head(z), target)
-              for t, head, target in zip(common.QM9_TASKS, heads, ys)}
-    return (losses, z) if features else losses
+    from benchmarks import libmtl_compare
+
+    encoder, heads, x, ys = model_and_batch()
+    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=1e-3)
+    return encoder, optimizer, libmtl_compare.mtl_losses(encoder, heads, x, ys)
 
 
 # --------------------------------------------------------------------------- the sides
 
 
 def door_side(method, features=False):
-    import torch
+    from benchmarks import libmtl_compare
 
-    import keras_dbmtl
-
-    encoder, heads, x, ys = model_and_batch()
-    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=1e-3)
-    balancer = keras_dbmtl.torch.Balancer(method)
-
-    def step():
-        optimizer.zero_grad()
-        if features:
-            losses, z = _losses(encoder, heads, x, ys, features=True)
-            balancer.backward(losses, shared_parameters=encoder.parameters(), features=z)
-        else:
-            losses = _losses(encoder, heads, x, ys)
-            balancer.backward(losses, shared_parameters=encoder.parameters())
-        optimizer.step()
-        return losses
-
+    encoder, optimizer, losses_of = _adam_and_losses()
+    step, balancer = libmtl_compare.door_train_step(method, encoder, optimizer, losses_of, features=features)
     return step, encoder, {"code": f"keras_dbmtl.torch.Balancer({method!r}).backward("
                                    + ("features=z" if features else "shared_parameters=encoder.parameters()")
                                    + ") + torch.optim.Adam", "vectorize": balancer.vectorize}
 
 
 def ew_side():
-    import torch
-
-    encoder, heads, x, ys = model_and_batch()
-    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=1e-3)
+    encoder, optimizer, losses_of = _adam_and_losses()
 
     def step():
         optimizer.zero_grad()
-        losses = _losses(encoder, heads, x, ys)
+        losses, _ = losses_of()
         sum(losses.values()).backward()
         optimizer.step()
         return losses
@@ -168,23 +153,10 @@ def libmtl_side():
 
 
 def torchjd_side(chunk):
-    import torch
-    from torchjd.aggregation import UPGrad
-    from torchjd.autojac import jac_to_grad, mtl_backward
+    from benchmarks import libmtl_compare
 
-    encoder, heads, x, ys = model_and_batch()
-    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=1e-3)
-    aggregator = UPGrad()
-    shared = list(encoder.parameters())
-
-    def step():
-        optimizer.zero_grad()
-        losses, z = _losses(encoder, heads, x, ys, features=True)
-        mtl_backward(list(losses.values()), features=z, parallel_chunk_size=chunk or None)
-        jac_to_grad(shared, aggregator)
-        optimizer.step()
-        return losses
-
+    encoder, optimizer, losses_of = _adam_and_losses()
+    step = libmtl_compare.torchjd_train_step(list(encoder.parameters()), optimizer, losses_of, chunk)
     return step, encoder, {"code": "torchjd mtl_backward(losses, features=z) + jac_to_grad(encoder params, UPGrad()) "
                                    "+ torch.optim.Adam", "parallel_chunk_size": chunk or None}
 

@@ -1,5 +1,6 @@
 """benchmarks/libmtl_compare.py without its optional packages (LibMTL, torch_geometric, torchjd): what runs where,
-and that a missing package skips its side with a message instead of failing. No step is built or timed."""
+that a missing package skips its side with a message instead of failing, and the door's ratio report. No step is
+built or timed."""
 
 from benchmarks import libmtl_compare
 
@@ -9,6 +10,29 @@ def test_configurations_keep_each_sides_methods():
     assert configs == [("tf-graph", "ew"), ("tf-graph", "dbmtl"), ("torch", "ew"), ("torch", "dbmtl"),
                        ("torch", "upgrad"), ("libmtl", "ew"), ("libmtl", "dbmtl"), ("torchjd-once", "upgrad")]
     assert libmtl_compare.paper_size()["batch"] == 32 and libmtl_compare.paper_size()["edges"] == "complete"
+
+
+def test_door_sides_run_every_method_in_the_reference_worker():
+    configs = libmtl_compare.configurations(["door", "door-once"], ["ew", "dbmtl", "upgrad"])
+    assert configs == [(s, m) for s in ("door", "door-once") for m in ("ew", "dbmtl", "upgrad")]
+    assert libmtl_compare.WORKER_OF["door"] == libmtl_compare.WORKER_OF["door-once"] == "reference"
+    assert libmtl_compare.missing_packages("door-once", find_spec=lambda name: None) == ["torch_geometric"]
+
+
+def test_paired_ratio_per_round():
+    """Ratio of the medians, and per-round ratios of the rounds' medians (2 steps a round, b one round short)."""
+    payload = {"per_round": 2, "rows": [
+        {"side": "door-once", "method": "dbmtl", "wall_ms": 9.0, "wall_ms_all": [8.0, 10.0, 9.0, 9.0, 4.0, 6.0]},
+        {"side": "libmtl-once", "method": "dbmtl", "wall_ms": 10.0, "wall_ms_all": [10.0, 10.0, 9.0, 11.0]},
+        {"side": "torch", "method": "dbmtl", "skipped": "torch: skipped"}]}
+    r = libmtl_compare.paired_ratio(payload, "door-once:dbmtl", "libmtl-once:dbmtl")
+    assert r["ratio"] == 0.9 and r["rounds"] == [0.9, 0.9]
+    assert (r["round_median"], r["round_min"], r["round_max"]) == (0.9, 0.9, 0.9)
+    assert libmtl_compare.paired_ratio(payload, "door-once:dbmtl", "torch:dbmtl") is None
+    table = libmtl_compare.door_ratio_table(payload)
+    assert "| `door-once:dbmtl` / `libmtl-once:dbmtl` | 0.900 | 0.900 (0.900-0.900) | 2 | ≤ 0.9: met |" in table
+    assert "torch:dbmtl" not in table
+    assert libmtl_compare.door_ratio_table({"rows": payload["rows"][2:]}) == ""
 
 
 def test_missing_packages_are_named():
