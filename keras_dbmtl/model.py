@@ -209,18 +209,17 @@ class MultiTaskModel(keras.Model):
         self.network = network
         self.task_names = functional.subclassed_task_names(network, task_names)
         self.encoder, self.heads, self.task_layers, self.per_task_inputs = None, None, {}, False
-        resolved = None
         if all(isinstance(entry, keras.Variable) for entry in shared_variables):
-            resolved = functional.check_subclassed_shared(network, list(shared_variables))
-            config = functional.variable_references(network, resolved)
+            config = functional.variable_references(
+                network, functional.check_subclassed_shared(network, list(shared_variables)))
         else:
             config = list(shared_variables)           # references, from a saved config: resolved once built
-        split = None if resolved is None else functional.Split(resolved, {t: [] for t in self.task_names}, {})
-        object.__setattr__(self, "_graph", _GraphState(split=split, shared_config=config, representation=None,
+        object.__setattr__(self, "_graph", _GraphState(split=None, shared_config=config, representation=None,
                                                        subclassed=True))
 
     def _subclassed_split(self):
-        """The subclassed form's split, resolving the saved references once the network's variables exist."""
+        """The subclassed form's split, resolving the references (`shared_config`) once the network's variables
+        exist."""
         graph = self._graph
         if graph.split is None:
             shared = functional.resolve_variables(self.network, graph.shared_config)

@@ -188,14 +188,12 @@ def balance_stage(model, grads, mask=None):
     inside the differentiated loss)."""
     if grads.shared_blocks is None:
         return Update(grads.combined, grads.task_weights, None)
-    blocks, losses = grads.shared_blocks, grads.aux.losses
+    blocks, unowned, losses = grads.shared_blocks, grads.unowned_blocks or [], grads.aux.losses
     if mask is not None:
         # The select path runs this on a skipped step too (the result is discarded): keep NaN out of solvers.
         blocks = [ops.where(mask, b, ops.zeros_like(b)) for b in blocks]
-        losses = losses.where(mask)
-    unowned = grads.unowned_blocks
-    if mask is not None and unowned:
         unowned = [ops.where(mask, b, ops.zeros_like(b)) for b in unowned]
+        losses = losses.where(mask)
     balanced = balancing.balance(model.balancer, losses, blocks, grads.task_gradients, grads.labelled,
                                  model.gradient_statistics, unowned)
     shared = balanced.shared if grads.to_shared is None else grads.to_shared(balanced.shared[0])

@@ -232,6 +232,28 @@ def _layout(shared_variables, task_variables, unowned_variables, extra_variables
     return shared, groups, unowned, extra, everything, unowned_indices, own_indices
 
 
+def _differentiable(forward):
+    """`forward(*inputs) -> (task_losses, regularization_loss, aux)` as the pullback's `outputs(*inputs) ->
+    ((losses, regularization), aux)`, and a list that records whether there was a regularisation loss."""
+    has_regularization = []
+
+    def outputs(*inputs):
+        losses, regularization, aux = forward(*inputs)
+        has_regularization.append(not isinstance(regularization, (int, float)))
+        return (losses, ops.cast(regularization, losses.dtype)), aux
+
+    return outputs, has_regularization
+
+
+def _own_and_regularization(pull, losses, regularization, own_indices, num_variables, regularized):
+    """One pull of sum_t l_t for the variables at `own_indices` (each task's own, the extra ones), and the
+    regularisation loss's gradients of every variable (None entries without one)."""
+    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), own_indices)
+    if not regularized:
+        return own, [None] * num_variables
+    return own, pull((ops.zeros_like(losses), ops.ones_like(regularization)), range(num_variables))
+
+
 def task_gradients(forward, shared_variables, task_variables, extra_variables=(), vectorize=None, amortise=None,
                    unowned_variables=()):
     """forward() -> (task_losses (T,), regularization_loss, aux), run once. Returns `TaskGradients`.
@@ -253,13 +275,7 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables=()
     if amortise is not None and unowned:
         raise ValueError("task_gradients_every > 1 needs each non-shared variable's task: not available with "
                          "variables outside shared_variables whose task is unknown (a subclassed model).")
-    has_regularization = []
-
-    def outputs():
-        losses, regularization, aux = forward()
-        has_regularization.append(not isinstance(regularization, (int, float)))
-        return (losses, ops.cast(regularization, losses.dtype)), aux
-
+    outputs, has_regularization = _differentiable(forward)
     (losses, regularization), aux, pull = module.pullback(outputs, everything)
     combined = None
     if amortise is None:
@@ -269,11 +285,8 @@ def task_gradients(forward, shared_variables, task_variables, extra_variables=()
     else:
         shared_blocks, combined = _amortised_shared(pull, losses, regularization, shared, vectorize, *amortise)
         unowned_blocks = []
-    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), own_indices)
-    if has_regularization[0]:
-        reg_grads = pull((ops.zeros_like(losses), ops.ones_like(regularization)), range(len(everything)))
-    else:
-        reg_grads = [None] * len(everything)
+    own, reg_grads = _own_and_regularization(pull, losses, regularization, own_indices, len(everything),
+                                             has_regularization[0])
     sizes = [len(shared), len(unowned)] + [len(g) for g in groups] + [len(extra)] + [len(everything)]
     combined_list = [] if combined is None else list(combined)
     reduced = _replica_mean_keeping_nones(list(shared_blocks) + unowned_blocks + list(own) + list(reg_grads)
@@ -336,21 +349,12 @@ def representation_gradients(encode, decode, shared_variables, task_variables, e
     shared, groups, unowned, extra, everything, unowned_indices, own_indices = _layout(
         shared_variables, task_variables, unowned_variables, extra_variables)
     (z,), _, pull_encoder = module.pullback(lambda: ((encode(),), None), shared)
-    has_regularization = []
-
-    def outputs(representation):
-        losses, regularization, aux = decode(representation)
-        has_regularization.append(not isinstance(regularization, (int, float)))
-        return (losses, ops.cast(regularization, losses.dtype)), aux
-
+    outputs, has_regularization = _differentiable(decode)
     (losses, regularization), aux, pull = module.pullback(outputs, everything, inputs=[z])
     blocks = _jacobian_blocks(pull, losses, regularization, 0, vectorize,
                               indices=[len(everything)] + unowned_indices)
-    own = pull((ops.ones_like(losses), ops.zeros_like(regularization)), own_indices)
-    if has_regularization[0]:
-        reg_grads = pull((ops.zeros_like(losses), ops.ones_like(regularization)), range(len(everything)))
-    else:
-        reg_grads = [None] * len(everything)
+    own, reg_grads = _own_and_regularization(pull, losses, regularization, own_indices, len(everything),
+                                             has_regularization[0])
     parts = _split(list(own), [len(g) for g in groups] + [len(extra)])
 
     def to_shared(cotangent):
