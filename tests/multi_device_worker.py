@@ -20,17 +20,18 @@ import numpy as np
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 NUM_REPLICAS = 2
 
-if BACKEND != "tensorflow":
-    # A JAX worker never needs TensorFlow; `keras.utils.set_random_seed` would import it only to seed it (about 3 s
-    # of CPU time per process).
-    sys.modules["tensorflow"] = None
-else:
-    import tensorflow as tf
+if __name__ == "__main__":   # the worker process (tests/test_functional_distributed.py imports its helpers only)
+    if BACKEND != "tensorflow":
+        # A JAX worker never needs TensorFlow; `keras.utils.set_random_seed` would import it only to seed it (about
+        # 3 s of CPU time per process).
+        sys.modules["tensorflow"] = None
+    else:
+        import tensorflow as tf
 
-    _cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        _cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(NUM_REPLICAS)]
-    )
+        _cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            _cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(NUM_REPLICAS)]
+        )
 
 import keras  # noqa: E402
 
@@ -104,7 +105,10 @@ _STRATEGY = []
 
 
 def distributed_scope():
+    """Two replicas: a MirroredStrategy's scope (tensorflow) or a DataParallel distribution (jax)."""
     if BACKEND == "tensorflow":
+        import tensorflow as tf
+
         # One strategy for the whole process: a second MirroredStrategy reuses the collective instance keys of
         # the first one and its all-reduces then collide with the previous model's.
         if not _STRATEGY:

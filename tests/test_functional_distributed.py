@@ -13,14 +13,13 @@ devices (or the process group) must be set up before the backend initialises; th
   `broadcast_variables`, `shard_batches`); the one-process run is made in the test's own process.
 
 The tolerance can tell a broken all-reduce apart. This was checked by hand when the test was written, and is not
-part of the test. With the all-reduce replaced by the identity (TensorFlow: `replica_mean` and `global_losses` in
-`keras_dbmtl.gradients` and its backend module; torch: `_replica_mean_list`), the weights after the 2 steps
+part of the test. With the all-reduce replaced by the identity (TensorFlow: `replica_mean` and `global_losses` of the
+backend module `keras_dbmtl.gradients.tensorflow`; torch: `_replica_mean_list`), the weights after the 2 steps
 differ by 1e-4 to 8e-2 and DB-MTL's EMA by 0.35-0.5, against at most 1.2e-7 with it.
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -46,6 +45,8 @@ import pytest  # noqa: E402
 
 import keras_dbmtl  # noqa: E402
 from keras_dbmtl import distributed  # noqa: E402
+from tests import gloo  # noqa: E402
+from tests.multi_device_worker import component_values, distributed_scope  # noqa: E402
 from tests.test_functional_model import BATCH, D_IN, branching, branching_layers, data  # noqa: E402
 
 BACKEND = keras.backend.backend()
@@ -70,20 +71,10 @@ def make_model(seed=3):
     return model
 
 
-def replica_values(variable):
-    """Every replica's copy of `variable` (one on a single device)."""
-    value = variable.value
-    if BACKEND == "tensorflow" and hasattr(value, "values"):
-        return [np.array(v.numpy()) for v in value.values]
-    if BACKEND == "jax":
-        return [np.array(shard.data) for shard in value.addressable_shards]
-    return [np.array(keras.ops.convert_to_numpy(value))]
-
-
 def state_of(model):
     """{name: list of replica copies} of every trainable weight and of the balancer's variables."""
-    state = {f"weight:{v.path}": replica_values(v) for v in model.trainable_variables}
-    state.update({f"balancer:{v.name}": replica_values(v) for v in model.balancer.variables})
+    state = {f"weight:{v.path}": component_values(v) for v in model.trainable_variables}
+    state.update({f"balancer:{v.name}": component_values(v) for v in model.balancer.variables})
     return state
 
 
@@ -96,42 +87,10 @@ def train(batch_size, x, y, seed=3):
 
 
 # --------------------------------------------------------------------------- the worker (jax, tensorflow)
-_STRATEGY = []
-
-
-def distribution_scope():
-    import contextlib
-
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        devices = [d.name for d in tf.config.list_logical_devices("CPU")][:NUM_REPLICAS]
-        strategy = tf.distribute.MirroredStrategy(devices)
-        assert strategy.num_replicas_in_sync == NUM_REPLICAS
-        return strategy.scope()
-    import jax
-
-    devices = jax.devices()
-    assert len(devices) == NUM_REPLICAS, devices
-    distribution = keras.distribution.DataParallel(devices=devices)
-    # The batch is sharded over the two devices (each holds BATCH / 2 rows), not replicated.
-    assert distribution.get_data_layout((BATCH, D_IN)).axes[0] == "batch"
-
-    @contextlib.contextmanager
-    def scope():
-        keras.distribution.set_distribution(distribution)
-        try:
-            yield
-        finally:
-            keras.distribution.set_distribution(None)
-
-    return scope()
-
-
 def worker():
     x, y = global_batches()
     one, initial = train(BATCH, x, y)
-    with distribution_scope():
+    with distributed_scope():
         many, initial_many = train(BATCH, x, y)
     single, copies = state_of(one), state_of(many)
     assert set(single) == set(copies)
@@ -166,12 +125,6 @@ def torch_rank_worker(out):
 
 
 # --------------------------------------------------------------------------- the tests
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra):
     env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2", **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
@@ -203,31 +156,15 @@ def test_functional_model_on_two_replicas_matches_one_device():
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed: torch backend only")
 def test_functional_model_on_two_gloo_processes_matches_one_process(tmp_path):
-    port = str(_free_port())
-    processes, outputs = [], []
-    for rank in range(NUM_REPLICAS):
-        out = str(tmp_path / f"rank{rank}.npz")
-        env = _env(RANK=str(rank), WORLD_SIZE=str(NUM_REPLICAS), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.test_functional_distributed", "--torch-rank", out], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs.append(out)
-    x, y = global_batches()
-    model, _ = train(BATCH, x, y, seed=3)                  # meanwhile, one process on the global batches
-    assert [v.path for v in model.shared_variables()] == SHARED
-    single = {k: c[0] for k, c in state_of(model).items()}
-    logs = []
-    try:
-        for p in processes:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    for rank, p in enumerate(processes):
-        assert p.returncode == 0, f"rank {rank} failed:\n{logs[rank][-4000:]}"
-    ranks = [dict(np.load(out)) for out in outputs]
+    def one_process():                                     # meanwhile, one process on the global batches
+        x, y = global_batches()
+        model, _ = train(BATCH, x, y, seed=3)
+        assert [v.path for v in model.shared_variables()] == SHARED
+        return {k: c[0] for k, c in state_of(model).items()}
+
+    ranks, single = gloo.run_ranks(
+        lambda out: [sys.executable, "-m", "tests.test_functional_distributed", "--torch-rank", out], tmp_path,
+        meanwhile=one_process)
     assert set(ranks[0]) == set(ranks[1]) == set(single)
     assert any("ema" in k and np.abs(v).max() > 0 for k, v in single.items())
     for key in single:

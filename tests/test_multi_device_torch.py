@@ -6,8 +6,6 @@ balancer of the worker's BALANCERS.
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import keras
@@ -16,44 +14,16 @@ import pytest
 
 import keras_dbmtl
 from keras_dbmtl import distributed
+from tests import gloo
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multi_device_torch_worker.py")
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_processes(tmp_path, *flags, timeout=240):
-    port = _free_port()
-    processes, outputs = [], []
-    for rank in range(2):
-        env = dict(
-            os.environ, KERAS_BACKEND="torch", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
-            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        )
-        out = str(tmp_path / f"rank{rank}.npz")
-        outputs.append(out)
-        processes.append(subprocess.Popen(
-            [sys.executable, WORKER, out, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-        ))
-    logs = []
-    try:
-        for p in processes:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    for rank, p in enumerate(processes):
-        assert p.returncode == 0, f"rank {rank} failed:\n{logs[rank][-4000:]}"
-    return [dict(np.load(out)) for out in outputs]
+    ranks, _ = gloo.run_ranks(lambda out: [sys.executable, WORKER, out, *flags], tmp_path, timeout=timeout)
+    return ranks
 
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.distributed: torch backend only")

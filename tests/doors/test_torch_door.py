@@ -11,8 +11,6 @@ one. Skipped unless Keras runs on torch.
 
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
 import warnings
 
@@ -23,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="door 3: the torch backend only")
 
 import keras_dbmtl
-from tests import reference
+from tests import gloo, reference
 from tests.test_training_matches_reference import BATCH, D_HID, D_IN, LR, batches, make_data
 
 if keras.backend.backend() == "torch":
@@ -509,34 +507,11 @@ def test_grad_scaler_overflow_skips_and_backs_off():
 
 
 # ---------------------------------------------------------------------- two processes (gloo)
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_train_like_one_on_the_global_batch(tmp_path):
     from tests.doors import torch_door_worker as worker
 
-    port, processes, outputs = _free_port(), [], []
-    for rank in range(2):
-        env = dict(os.environ, KERAS_BACKEND="torch", RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        outputs.append(str(tmp_path / f"rank{rank}.npz"))
-        processes.append(subprocess.Popen([sys.executable, worker.__file__, outputs[-1]], cwd=ROOT, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    for rank, p in enumerate(processes):
-        assert p.returncode == 0, f"rank {rank} failed:\n{logs[rank][-3000:]}"
-    ranks = [dict(np.load(out)) for out in outputs]
-    single = worker.train_all()
+    ranks, single = gloo.run_ranks(lambda out: [sys.executable, worker.__file__, out], tmp_path, timeout=180,
+                                   meanwhile=worker.train_all)
     assert set(ranks[0]) == set(ranks[1]) == set(single)
     for key in single:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
